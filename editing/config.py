@@ -54,8 +54,10 @@ class ValueParams:
 class StatsParams:
     """Where and how the preserved keys' second moment ``C0`` is estimated."""
 
-    corpus: str = "wikitext-2-raw-test"
-    """A name from ``editing.corpus.KNOWN_CORPORA``, a text/JSONL file, or a saved ``datasets`` dataset."""
+    corpus: str = "wikipedia-leads"
+    """A name in ``editing.corpus.TEXT_CORPORA``, a text/JSON(L) file, a saved ``datasets`` folder or hub name.
+    Wikipedia leads by default: Wikipedia is what MEMIT estimated C0 on, and WikiText-2 test is
+    kept apart for held-out perplexity."""
     n_samples: int = 2000
     max_tokens: int = 128
     batch_size: int = 16
@@ -149,3 +151,21 @@ def load_edit_config(model_key: str, algorithm: str, overrides: Mapping[str, Any
     _merge(data, document[algorithm])
     _merge(data, _nest(overrides or {}))
     return EditConfig.from_dict(data)
+
+
+def hparams_key_for(model_name: str) -> str:
+    """The hyperparameter file whose ``match`` patterns occur in ``model_name``.
+
+    The longest matching pattern wins (``gpt-j-6b`` before ``gpt-j``). Models that match
+    nothing need an explicit ``--hparams`` choice.
+    """
+    lowered = model_name.lower()
+    best: tuple[int, str] | None = None
+    for path in sorted(HPARAMS_DIR.glob("*.yaml")):
+        for pattern in yaml.safe_load(path.read_text()).get("match", []):
+            if pattern.lower() in lowered and (best is None or len(pattern) > best[0]):
+                best = (len(pattern), path.stem)
+    if best is None:
+        known = sorted(p.stem for p in HPARAMS_DIR.glob("*.yaml"))
+        raise ValueError(f"no hyperparameters match model {model_name!r}; choose one of {known} with --hparams")
+    return best[1]

@@ -1,0 +1,110 @@
+"""Edit distribution: how one batch's change is spread over the edit layers.
+
+MATH.md ("Edit distribution"): the target residuals ``Z`` are computed once at
+the last edit layer ``l_T``; then, layer by layer, with earlier updates already
+applied, the keys ``K^{l_t}`` and the current residuals ``Z_cur`` are read,
+a share of the remaining residual ``Z − Z_cur`` becomes that layer's
+memorization target, and any objective solves for the layer's update.
+
+The strategies differ only in which layers they edit and which share of the
+remaining residual each gets, so that is all an :class:`EditDistribution`
+states; :func:`distribute` is the one loop that runs them with any objective.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from editing.config import ObjectiveParams
+from editing.delta import LowRankDelta, apply_delta
+from editing.keys_values import RewriteRows, compute_keys
+from editing.models.adapter import ModelAdapter
+from editing.objectives import solve
+
+
+class EditDistribution(ABC):
+    """Which layers an edit touches and the share of the remaining residual each takes."""
+
+    name: str
+
+    @abstractmethod
+    def edit_layers(self, layers: tuple[int, ...]) -> tuple[int, ...]:
+        """The layers to edit, in order; the last one is where targets are computed."""
+
+    @abstractmethod
+    def residual_share(self, step: int, n_steps: int) -> float:
+        """Fraction of the remaining residual assigned at ``step`` (0-based) of ``n_steps``."""
+
+
+class SingleLayer(EditDistribution):
+    """ROME-style: the whole residual goes into one layer."""
+
+    name = "single_layer"
+
+    def edit_layers(self, layers: tuple[int, ...]) -> tuple[int, ...]:
+        if len(layers) != 1:
+            raise ValueError(f"single_layer edits exactly one layer, got layers {list(layers)}; "
+                             "pass one layer or use distribution memit_spread")
+        return layers
+
+    def residual_share(self, step: int, n_steps: int) -> float:
+        return 1.0
+
+
+class MemitSpread(EditDistribution):
+    """MEMIT's: layer ``l_t`` takes ``1 / (T − t + 1)`` of what is still missing (1-based ``t``)."""
+
+    name = "memit_spread"
+
+    def edit_layers(self, layers: tuple[int, ...]) -> tuple[int, ...]:
+        return layers
+
+    def residual_share(self, step: int, n_steps: int) -> float:
+        return 1.0 / (n_steps - step)
+
+
+DISTRIBUTIONS: dict[str, EditDistribution] = {d.name: d for d in (SingleLayer(), MemitSpread())}
+
+
+def get_distribution(name: str) -> EditDistribution:
+    if name not in DISTRIBUTIONS:
+        raise ValueError(f"unknown edit distribution {name!r}; known: {sorted(DISTRIBUTIONS)}")
+    return DISTRIBUTIONS[name]
+
+
+@dataclass
+class LayerUpdate:
+    layer: int
+    delta: LowRankDelta
+    residual_norm: float
+    """Mean norm of the residual assigned to this layer (diagnostic)."""
+
+
+def distribute(adapter: ModelAdapter, rows: RewriteRows, n_facts: int, targets: torch.Tensor,
+               layers: tuple[int, ...], distribution: EditDistribution, algorithm: str,
+               second_moments: dict[int, torch.Tensor], params: ObjectiveParams,
+               on_solve: Callable[[float], None] | None = None) -> list[LayerUpdate]:
+    """Spread target residuals ``targets`` (B × d, at the last layer) over ``layers``, applying
+    each layer's update to the model as it goes. ``on_solve`` receives the seconds spent in
+    each solve+apply (the rest is key/residual reading)."""
+    edit_layers = distribution.edit_layers(layers)
+    target_layer = edit_layers[-1]
+    updates = []
+    for step, layer in enumerate(edit_layers):
+        keys, current = compute_keys(adapter, rows, layer, n_facts, residual_layer=target_layer)
+        residual = (targets - current) * distribution.residual_share(step, len(edit_layers))
+        started = time.perf_counter()
+        weight = adapter.weight(layer)
+        k_e = keys.T.to(weight.device, torch.float64)
+        v_e = weight.detach().to(torch.float64) @ k_e + residual.T.to(weight.device, torch.float64)
+        delta = solve(algorithm, weight, second_moments[layer], k_e, v_e, params)
+        apply_delta(weight, delta)
+        if on_solve is not None:
+            on_solve(time.perf_counter() - started)
+        updates.append(LayerUpdate(layer, delta, float(residual.norm(dim=1).mean())))
+    return updates

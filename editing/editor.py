@@ -1,0 +1,104 @@
+"""The editor: one batch of facts in, low-rank updates applied to the model out.
+
+Per batch (MATH.md): target residuals ``Z`` by the v* optimisation at the last
+edit layer, then the edit distribution computes keys layer by layer and the
+objective solves each layer's update. Everything is computed on the *current*
+model, so sequential batches see earlier edits. If anything fails midway, the
+edited layers are restored to their exact previous values: a batch is applied
+completely or not at all.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from editing.config import EditConfig
+from editing.distribution import LayerUpdate, distribute, get_distribution
+from editing.facts import Fact
+from editing.keys_values import ValueTargets, build_rewrite_rows, compute_value_targets
+from editing.models.adapter import ModelAdapter
+from editing.objectives import get_objective
+from editing.prefixes import generate_prefixes
+from editing.stats import second_moments
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BatchEdit:
+    """What one applied batch changed, for the ledger and the reports."""
+
+    updates: list[LayerUpdate]
+    weights_sha256: dict[int, str]
+    """Hash of each edited layer after the update."""
+    values: ValueTargets
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+class Editor:
+    """Applies batches of facts to a loaded model under one :class:`EditConfig`.
+
+    The prefixes and second moments are fixed for the editor's lifetime; a run
+    records the prefixes so that resuming reproduces the same edits.
+    """
+
+    def __init__(self, adapter: ModelAdapter, config: EditConfig, second_moments: dict[int, torch.Tensor],
+                 prefixes: tuple[str, ...]) -> None:
+        self.adapter = adapter
+        self.config = config
+        self.distribution = get_distribution(config.distribution)
+        self.objective = get_objective(config.algorithm)
+        self.layers = self.distribution.edit_layers(config.layers)
+        # Solved on the model's device: a 1536² (SmolLM2) or 11008² (Llama-2-7b) system in float64.
+        self.second_moments = {layer: c0.to(adapter.device) for layer, c0 in second_moments.items()}
+        self.prefixes = prefixes
+        self.prepare_seconds: dict[str, float] = {}
+        """Time :meth:`prepare` spent on statistics and on generating prefixes."""
+        for layer in self.layers:
+            adapter.block(layer)  # validates the layer index
+
+    @classmethod
+    def prepare(cls, adapter: ModelAdapter, config: EditConfig, prefixes: tuple[str, ...] | None = None) -> "Editor":
+        """Load (or compute once and cache) ``C0`` for the edit layers and fix the prefixes."""
+        layers = get_distribution(config.distribution).edit_layers(config.layers)
+        started = time.perf_counter()
+        moments = second_moments(adapter, list(layers), config.stats)
+        stats_done = time.perf_counter()
+        if prefixes is None:
+            prefixes = generate_prefixes(adapter, config.values.n_prefixes, config.values.prefix_tokens)
+        editor = cls(adapter, config, moments, prefixes)
+        editor.prepare_seconds = {"stats": stats_done - started, "keys_values": time.perf_counter() - stats_done}
+        return editor
+
+    def check_batch(self, facts: list[Fact]) -> None:
+        """Reject a batch the objective cannot take before anything is computed."""
+        if not facts:
+            raise ValueError("an edit batch needs at least one fact")
+        self.objective.check_batch_size(len(facts))
+
+    def apply(self, facts: list[Fact]) -> BatchEdit:
+        """Edit the model with ``facts``; on any error the model is left exactly as it was."""
+        self.check_batch(facts)
+        before = self.adapter.snapshot(list(self.layers))
+        try:
+            return self._apply(facts)
+        except BaseException:
+            self.adapter.restore(before)
+            raise
+
+    def _apply(self, facts: list[Fact]) -> BatchEdit:
+        started = time.perf_counter()
+        values = compute_value_targets(self.adapter, facts, self.layers[-1], self.prefixes, self.config.values)
+        rows = build_rewrite_rows(self.adapter, facts, self.prefixes, with_targets=False)
+        solve_seconds: list[float] = []
+        updates = distribute(self.adapter, rows, len(facts), values.z, self.layers, self.distribution,
+                             self.config.algorithm, self.second_moments, self.config.objective,
+                             on_solve=solve_seconds.append)
+        total = time.perf_counter() - started
+        seconds = {"keys_values": total - sum(solve_seconds), "solve": sum(solve_seconds)}
+        log.info("edited %d facts in %.1fs (%s)", len(facts), total, seconds)
+        return BatchEdit(updates, self.adapter.weights_sha256(list(self.layers)), values, seconds)

@@ -1,0 +1,55 @@
+"""Objectives of the preservation–memorization framework behind one interface.
+
+``solve(name, W0, C0, K_E, V_E, hparams)`` returns ``ΔW = U Vᵀ`` as a
+:class:`~editing.delta.LowRankDelta`; new objectives register one class in
+:data:`OBJECTIVES`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from editing.config import ObjectiveParams
+from editing.delta import LowRankDelta
+from editing.objectives.base import EditProblem, Objective
+from editing.objectives.emmet import Emmet, Rome
+from editing.objectives.memit import Memit
+
+OBJECTIVES: dict[str, Objective] = {objective.name: objective for objective in (Rome(), Memit(), Emmet())}
+
+
+def get_objective(name: str) -> Objective:
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown objective {name!r}; known: {sorted(OBJECTIVES)}")
+    return OBJECTIVES[name]
+
+
+def _checked(name: str, tensor: torch.Tensor, shape: tuple[int | None, ...]) -> torch.Tensor:
+    if tensor.ndim != len(shape) or any(e is not None and s != e for s, e in zip(tensor.shape, shape)):
+        wanted = "×".join("?" if e is None else str(e) for e in shape)
+        raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {wanted}")
+    if not torch.isfinite(tensor).all():
+        raise ValueError(f"{name} contains non-finite values")
+    return tensor.detach().to(torch.float64)
+
+
+def solve(name: str, w0: torch.Tensor, c0: torch.Tensor, k_e: torch.Tensor, v_e: torch.Tensor,
+          hparams: ObjectiveParams) -> LowRankDelta:
+    """Solve one layer's edit with objective ``name``; factors in float64 on the inputs' device.
+
+    ``W0`` is d_out×d_in, ``C0`` d_in×d_in (the mean ``E[k kᵀ]``, scaled by λ
+    inside), ``K_E`` d_in×B and ``V_E`` d_out×B.
+    """
+    objective = get_objective(name)
+    d_out, d_in = w0.shape if w0.ndim == 2 else (None, None)
+    problem = EditProblem(
+        w0=_checked("W0", w0, (None, None)),
+        c0=_checked("C0", c0, (d_in, d_in)),
+        k_e=_checked("K_E", k_e, (d_in, None)),
+        v_e=_checked("V_E", v_e, (d_out, k_e.shape[-1])),
+    )
+    objective.check_batch_size(problem.batch_size)
+    return objective.update(problem, hparams)
+
+
+__all__ = ["EditProblem", "Objective", "OBJECTIVES", "get_objective", "solve"]

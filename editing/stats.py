@@ -1,0 +1,110 @@
+"""Second-moment statistics ``C0 = E[k kᵀ]`` of the keys of ordinary text, cached on disk.
+
+``C0`` summarises the keys an edit must preserve (MATH.md). Estimating it means
+running the model over thousands of texts, the most expensive one-off step of
+editing, so it is done once per (model, layer, corpus, sample count, length):
+
+* all requested layers are read in one pass (one forward per text batch, hooks
+  on every layer, stopped after the deepest one);
+* each batch's ``KᵀK`` is formed in float32 and added to a float64 running sum,
+  so precision does not depend on how many tokens are summed;
+* every layer is stored in its own file, written atomically, so a later request
+  for other layers computes only what is missing and nothing is computed twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from editing.config import StatsParams
+from editing.corpus import OpenedCorpus, open_corpus, sample_texts
+from editing.models.adapter import ModelAdapter
+from editing.models.loading import cache_dir
+from editing.tokens import PaddedBatch
+from editing.tracing import forward_until
+
+log = logging.getLogger(__name__)
+
+SAMPLE_SEED = 0
+"""Seed of the text sample; part of what the cached statistics mean, so it is fixed."""
+
+
+def stats_path(adapter: ModelAdapter, layer: int, corpus: OpenedCorpus, params: StatsParams) -> Path:
+    """Cache file of one layer's ``C0``, named by everything that determines it."""
+    key = json.dumps({"model": adapter.fingerprint, "layer": layer, "corpus": corpus.fingerprint,
+                      "n_samples": params.n_samples, "max_tokens": params.max_tokens, "seed": SAMPLE_SEED},
+                     sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:20]
+    name = f"layer{layer:03d}-{corpus.name.replace('/', '_')}-n{params.n_samples}-t{params.max_tokens}-{digest}"
+    return cache_dir() / "stats" / adapter.fingerprint[:16] / f"{name}.safetensors"
+
+
+def second_moments(adapter: ModelAdapter, layers: list[int], params: StatsParams,
+                   progress: bool = True) -> dict[int, torch.Tensor]:
+    """``C0`` (float32, d_in × d_in, on the CPU) for each of ``layers``; cached ones are only read."""
+    corpus = open_corpus(params.corpus)
+    paths = {layer: stats_path(adapter, layer, corpus, params) for layer in layers}
+    missing = [layer for layer, path in paths.items() if not path.exists()]
+    if missing:
+        computed, tokens = _accumulate(adapter, missing, corpus, params, progress)
+        for layer, moment in computed.items():
+            _save_atomically(paths[layer], moment, {"tokens": str(tokens), "corpus": corpus.name,
+                                                    "n_samples": str(params.n_samples)})
+    return {layer: load_file(paths[layer])["c0"] for layer in layers}
+
+
+@torch.no_grad()
+def _accumulate(adapter: ModelAdapter, layers: list[int], corpus: OpenedCorpus, params: StatsParams,
+                progress: bool) -> tuple[dict[int, torch.Tensor], int]:
+    texts = sample_texts(corpus.texts, params.n_samples, SAMPLE_SEED)
+    sums = {layer: torch.zeros(adapter.key_dim, adapter.key_dim, dtype=torch.float64, device=adapter.device)
+            for layer in layers}
+    mask_holder: dict[str, torch.Tensor] = {}
+
+    def hook(layer: int):
+        def add(module, args):
+            keys = args[0][mask_holder["mask"]].float()
+            sums[layer] += (keys.T @ keys).double()
+        return add
+
+    handles = [adapter.edited_module(layer).register_forward_pre_hook(hook(layer)) for layer in layers]
+    tokenizer = adapter.tokenizer
+    tokens = 0
+    try:
+        batches = range(0, len(texts), params.batch_size)
+        for start in tqdm(batches, desc=f"C0 layers {layers} on {corpus.name}", disable=not progress,
+                          unit="batch"):
+            encoded = tokenizer(texts[start:start + params.batch_size], truncation=True,
+                                max_length=params.max_tokens, padding=True, return_tensors="pt")
+            batch = PaddedBatch(encoded["input_ids"], encoded["attention_mask"])
+            mask_holder["mask"] = batch.attention_mask.to(adapter.device).bool()
+            tokens += int(batch.attention_mask.sum())
+            forward_until(adapter, batch, max(layers))
+    finally:
+        for handle in handles:
+            handle.remove()
+    if tokens == 0:
+        raise ValueError(f"corpus {corpus.name!r} gave no tokens")
+    log.info("C0 for layers %s from %d texts, %d tokens", layers, len(texts), tokens)
+    return {layer: (total / tokens).float().cpu() for layer, total in sums.items()}, tokens
+
+
+def _save_atomically(path: Path, moment: torch.Tensor, metadata: dict[str, str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=path.stem, suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        save_file({"c0": moment.contiguous()}, temporary, metadata=metadata)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,113 @@
+"""Property tests of the objectives on random well-conditioned problems (float64)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from editing.config import ObjectiveParams
+from editing.objectives import solve
+
+PLAIN = ObjectiveParams(mom2_update_weight=1.0, update_norm_lambda=0.0, emmet_lambda=0.0)
+
+
+def problem(seed: int, d_in: int, d_out: int, batch: int, dtype=torch.float64):
+    generator = torch.Generator().manual_seed(seed)
+    a = torch.randn(d_in, 4 * d_in, generator=generator, dtype=torch.float64)
+    c0 = a @ a.T / a.shape[1] + 0.1 * torch.eye(d_in, dtype=torch.float64)
+    w0 = torch.randn(d_out, d_in, generator=generator, dtype=torch.float64)
+    k_e = torch.randn(d_in, batch, generator=generator, dtype=torch.float64)
+    v_e = torch.randn(d_out, batch, generator=generator, dtype=torch.float64)
+    return tuple(t.to(dtype) for t in (w0, c0, k_e, v_e))
+
+
+dims = st.tuples(st.integers(0, 10_000), st.integers(16, 48), st.integers(8, 24), st.integers(1, 8))
+
+
+@settings(max_examples=25, deadline=None)
+@given(dims)
+def test_emmet_satisfies_its_constraints(case):
+    w0, c0, k_e, v_e = problem(*case)
+    delta = solve("emmet", w0, c0, k_e, v_e, PLAIN)
+    edited = w0 + delta.u @ delta.v.T
+    error = torch.linalg.norm(edited @ k_e - v_e) / torch.linalg.norm(v_e)
+    assert error < 1e-6
+
+
+@settings(max_examples=25, deadline=None)
+@given(dims)
+def test_memit_satisfies_its_normal_equations(case):
+    w0, c0, k_e, v_e = problem(*case)
+    params = ObjectiveParams(mom2_update_weight=3.0, update_norm_lambda=0.5)
+    delta = solve("memit", w0, c0, k_e, v_e, params)
+    dense = delta.u @ delta.v.T
+    residual = v_e - w0 @ k_e
+    lhs = dense @ (3.0 * c0 + 0.5 * torch.eye(c0.shape[0], dtype=c0.dtype) + k_e @ k_e.T)
+    torch.testing.assert_close(lhs, residual @ k_e.T, rtol=1e-9, atol=1e-9)
+
+
+@settings(max_examples=25, deadline=None)
+@given(dims)
+def test_update_rank_is_at_most_the_batch_size(case):
+    w0, c0, k_e, v_e = problem(*case)
+    for name in ("memit", "emmet"):
+        delta = solve(name, w0, c0, k_e, v_e, ObjectiveParams(mom2_update_weight=2.0, emmet_lambda=0.1))
+        assert delta.rank == k_e.shape[1]
+        assert torch.linalg.matrix_rank(delta.u @ delta.v.T) <= k_e.shape[1]
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.tuples(st.integers(0, 10_000), st.integers(16, 48), st.integers(8, 24), st.just(1)))
+def test_emmet_with_one_fact_is_rome_closed_form(case):
+    w0, c0, k_e, v_e = problem(*case)
+    params = ObjectiveParams(mom2_update_weight=5.0, emmet_lambda=0.1)  # λ_E is not used for B = 1
+    c = 5.0 * c0
+    c_inv_k = torch.linalg.solve(c, k_e)
+    expected = (v_e - w0 @ k_e) @ c_inv_k.T / (k_e.T @ c_inv_k)
+    for name in ("emmet", "rome"):
+        delta = solve(name, w0, c0, k_e, v_e, params)
+        torch.testing.assert_close(delta.u @ delta.v.T, expected, rtol=1e-9, atol=1e-10)
+
+
+def test_emmet_does_not_depend_on_lambda_without_ridges():
+    w0, c0, k_e, v_e = problem(3, 32, 16, 5)
+    first = solve("emmet", w0, c0, k_e, v_e, ObjectiveParams(mom2_update_weight=1.0, emmet_lambda=0.0))
+    second = solve("emmet", w0, c0, k_e, v_e, ObjectiveParams(mom2_update_weight=1e4, emmet_lambda=0.0))
+    torch.testing.assert_close(first.u @ first.v.T, second.u @ second.v.T, rtol=1e-8, atol=1e-10)
+
+
+def test_emmet_falls_back_to_the_pseudo_inverse_for_duplicate_keys(caplog):
+    w0, c0, k_e, v_e = problem(5, 24, 12, 3)
+    k_e = torch.cat([k_e, k_e[:, :1]], dim=1)        # fact 4 has fact 1's key ...
+    v_e = torch.cat([v_e, v_e[:, :1]], dim=1)        # ... and the same target: consistent
+    delta = solve("emmet", w0, c0, k_e, v_e, PLAIN)
+    assert "pseudo-inverse" in caplog.text
+    dense = delta.u @ delta.v.T
+    assert torch.isfinite(dense).all()
+    torch.testing.assert_close((w0 + dense) @ k_e, v_e, rtol=1e-6, atol=1e-6)
+
+
+def test_float32_inputs_are_solved_in_float64():
+    w0, c0, k_e, v_e = problem(7, 32, 16, 4, dtype=torch.float32)
+    delta = solve("emmet", w0, c0, k_e, v_e, PLAIN)
+    assert delta.u.dtype == delta.v.dtype == torch.float64
+    edited = w0.double() + delta.u @ delta.v.T
+    assert torch.linalg.norm(edited @ k_e.double() - v_e.double()) / torch.linalg.norm(v_e.double()) < 1e-6
+
+
+def test_bad_input_is_rejected_clearly():
+    w0, c0, k_e, v_e = problem(1, 16, 8, 2)
+    with pytest.raises(ValueError, match="unknown objective 'mend'.*emmet"):
+        solve("mend", w0, c0, k_e, v_e, PLAIN)
+    with pytest.raises(ValueError, match="rome edits at most 1 fact"):
+        solve("rome", w0, c0, k_e, v_e, PLAIN)
+    with pytest.raises(ValueError, match="C0 has shape"):
+        solve("emmet", w0, c0[:-1], k_e, v_e, PLAIN)
+    with pytest.raises(ValueError, match="V_E has shape"):
+        solve("memit", w0, c0, k_e, v_e[:, :1], PLAIN)
+    with pytest.raises(ValueError, match="K_E contains non-finite"):
+        solve("emmet", w0, c0, k_e * float("nan"), v_e, PLAIN)
+    with pytest.raises(ValueError, match="not positive definite"):
+        solve("emmet", w0, -c0, k_e, v_e, PLAIN)
