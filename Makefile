@@ -29,4 +29,4 @@ test: $(STAMP)
 	$(PY) -m pytest -q -rs
 
 clean:
-	rm -rf $(VENV) .cache .prefect seqedit.db
+	rm -rf $(VENV) .cache .prefect seqedit.db*

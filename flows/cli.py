@@ -12,7 +12,7 @@ import importlib
 import logging
 import sys
 
-COMMANDS = ("edit", "ingest")
+COMMANDS = ("edit", "ingest", "init")
 """Subcommand modules in :mod:`flows.commands`, in the order ``--help`` lists them."""
 
 

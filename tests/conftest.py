@@ -17,4 +17,4 @@ os.environ.setdefault("SEQEDIT_CACHE", str(ROOT / ".cache" / "seqedit"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-pytest_plugins = ["fixtures.models"]
+pytest_plugins = ["fixtures.models", "fixtures.evaluation", "fixtures.database"]

@@ -1,0 +1,56 @@
+"""Alembic environment: runs the ledger migrations on SQLite or PostgreSQL.
+
+The database comes from, in order: a connection handed over by
+:mod:`db.migrate` (``config.attributes["connection"]``), ``-x url=...`` on the
+``alembic`` command line, then :func:`db.engine.database_url`'s defaults.
+Engines are made by :func:`db.engine.make_engine`, so migrations run with the
+same SQLite settings (foreign keys, transactional DDL) as the ledger itself.
+"""
+
+from __future__ import annotations
+
+from logging.config import fileConfig
+
+from alembic import context
+from sqlalchemy import Connection
+
+from db.engine import database_url, make_engine
+from db.models import Base
+
+config = context.config
+if config.config_file_name is not None:
+    fileConfig(config.config_file_name)
+
+
+def _configure(**kwargs: object) -> None:
+    # Batch mode lets future migrations ALTER tables on SQLite (which rebuilds them). SQLite's DDL
+    # is transactional once BEGIN is ours (db.engine), so a failed migration leaves nothing behind.
+    context.configure(target_metadata=Base.metadata, render_as_batch=True, transactional_ddl=True, **kwargs)
+
+
+def _run(connection: Connection) -> None:
+    _configure(connection=connection)
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+def main() -> None:
+    url = context.get_x_argument(as_dictionary=True).get("url")
+    if context.is_offline_mode():
+        _configure(url=database_url(url), literal_binds=True)
+        with context.begin_transaction():
+            context.run_migrations()
+        return
+    connection = config.attributes.get("connection")
+    if connection is not None:
+        _run(connection)
+        return
+    engine = make_engine(url)
+    try:
+        with engine.connect() as connection:
+            _run(connection)
+    finally:
+        engine.dispose()
+
+
+main()

@@ -1,0 +1,78 @@
+"""Hyperparameter sweep: ES/PS/NS/S after one batch edit, for several configurations.
+
+Each configuration is a set of dotted overrides of the model's YAML section for
+the algorithm; the model is restored between configurations. Configurations
+that share the last edit layer and the v* settings reuse one v* optimisation,
+so sweeping objectives or λ costs little beyond the first.
+
+    python bench/sweep.py --algo emmet --facts 16 \\
+        --config '{"layers": [4]}' --config '{"layers": [6]}' \\
+        --config '{"layers": [3,4,5,6,7], "objective.mom2_update_weight": 5000}'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from editing.config import EditConfig, hparams_key_for, load_edit_config
+from editing.distribution import distribute, get_distribution
+from editing.evaluation import counterfact_metrics
+from editing.facts import fact_from_record
+from editing.keys_values import ValueTargets, build_rewrite_rows, compute_value_targets
+from editing.models import load_model
+from editing.prefixes import generate_prefixes
+from editing.stats import second_moments
+
+COUNTERFACT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "counterfact" / "counterfact-1000.json"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--algo", default="emmet", choices=("rome", "memit", "emmet"))
+    parser.add_argument("--facts", type=int, default=16)
+    parser.add_argument("--offset", type=int, default=0, help="first CounterFact record used")
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--config", action="append", default=[], help="JSON object of dotted overrides")
+    args = parser.parse_args()
+
+    adapter = load_model(args.model)
+    key = hparams_key_for(adapter.name)
+    records = json.loads(COUNTERFACT.read_text())[args.offset:args.offset + args.facts]
+    facts = [fact_from_record(record) for record in records]
+    pre = counterfact_metrics(adapter, facts).metrics()
+    print(f"pre: ES {pre['es']:.3f} PS {pre['ps']:.3f} NS {pre['ns']:.3f} S {pre['s']:.3f}  ({len(facts)} facts)",
+          flush=True)
+    prefix_cache: dict[tuple[int, int], tuple[str, ...]] = {}
+    value_cache: dict[str, ValueTargets] = {}
+    for overrides in [json.loads(text) for text in args.config] or [{}]:
+        config: EditConfig = load_edit_config(key, args.algo, overrides)
+        layers = get_distribution(config.distribution).edit_layers(config.layers)
+        original = adapter.snapshot(list(layers))
+        started = time.perf_counter()
+        moments = second_moments(adapter, list(layers), config.stats)
+        prefix_key = (config.values.n_prefixes, config.values.prefix_tokens)
+        if prefix_key not in prefix_cache:
+            prefix_cache[prefix_key] = generate_prefixes(adapter, *prefix_key)
+        prefixes = prefix_cache[prefix_key]
+        value_key = json.dumps([layers[-1], config.to_dict()["values"]])
+        if value_key not in value_cache:
+            value_cache[value_key] = compute_value_targets(adapter, facts, layers[-1], prefixes, config.values)
+        values = value_cache[value_key]
+        rows = build_rewrite_rows(adapter, facts, prefixes, with_targets=False)
+        updates = distribute(adapter, rows, len(facts), values.z, layers, get_distribution(config.distribution),
+                             config.algorithm, {l: moments[l].to(adapter.device) for l in layers}, config.objective)
+        post = counterfact_metrics(adapter, facts).metrics()
+        norms = [round(float((u.delta.u @ u.delta.v.T).norm()), 2) for u in updates]
+        adapter.restore(original)
+        print(f"{json.dumps(overrides):70s} ES {post['es']:.3f} PS {post['ps']:.3f} NS {post['ns']:.3f} "
+              f"S {post['s']:.3f}  EM {post['em']:.3f}  v*NLL {float(values.final_nll.mean()):.3f}  "
+              f"|ΔW| {norms}  {time.perf_counter() - started:.0f}s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

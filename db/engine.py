@@ -1,0 +1,113 @@
+"""Engines, sessions and transactions for the ledger, from one database URL.
+
+The URL comes from the caller, else ``SEQEDIT_DATABASE_URL``, else an SQLite
+file ``seqedit.db`` in the working directory (the embedded default). A plain
+``postgresql://`` URL means psycopg 3, the driver this project installs.
+
+SQLite needs three settings to behave as a shared ledger: WAL journaling (a
+reader never blocks the writer), foreign keys (off by default in SQLite) and a
+busy timeout (a second writer waits instead of failing at once). And because a
+deferred SQLite transaction that reads first and writes later can fail with
+"database is locked" when another writer committed in between, every *write*
+transaction here starts with ``BEGIN IMMEDIATE``: it takes SQLite's write lock
+up front and so serialises writers the way row locks do on PostgreSQL. Reads
+use a plain ``BEGIN``.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from contextlib import contextmanager
+from typing import Iterator
+
+from sqlalchemy import URL, Connection, Engine, create_engine, event, make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+URL_ENV = "SEQEDIT_DATABASE_URL"
+DEFAULT_URL = "sqlite:///seqedit.db"
+SQLITE_BUSY_TIMEOUT_S = 60.0
+"""How long an SQLite writer waits for another writer's transaction to end."""
+
+POSTGRES_INSERT_PAGE_ROWS = 100
+"""Rows per multi-row INSERT on PostgreSQL: statements of 1,000 rows × 23 columns (SQLAlchemy's
+default) spend more time being planned than 100-row ones; this halves the time to insert facts."""
+
+SUPPORTED_BACKENDS = ("sqlite", "postgresql")
+_WRITE_OPTION = "seqedit_write"
+
+
+def database_url(url: str | URL | None = None) -> URL:
+    """The URL to use: ``url``, else ``$SEQEDIT_DATABASE_URL``, else ``sqlite:///seqedit.db``."""
+    parsed = make_url(url or os.environ.get(URL_ENV) or DEFAULT_URL)
+    if parsed.drivername == "postgresql":
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    backend = parsed.get_backend_name()
+    if backend not in SUPPORTED_BACKENDS:
+        raise ValueError(f"unsupported database {backend!r}; the ledger runs on {', '.join(SUPPORTED_BACKENDS)}")
+    if backend == "sqlite" and parsed.database in (None, "", ":memory:"):
+        raise ValueError("the ledger needs an SQLite *file* (e.g. sqlite:///seqedit.db): an in-memory "
+                         "database is private to one connection and cannot be shared by writers")
+    return parsed
+
+
+def in_schema(url: str | URL, schema: str) -> URL:
+    """A PostgreSQL URL whose connections use ``schema`` (through ``search_path``).
+
+    Separate ledgers (a study, a test, a benchmark) can so share one database
+    without seeing each other's tables; the writer locks are per schema too.
+    """
+    parsed = database_url(url)
+    if parsed.get_backend_name() != "postgresql":
+        raise ValueError(f"schemas are a PostgreSQL feature, not available for {parsed.get_backend_name()}")
+    return parsed.update_query_dict({"options": f"-csearch_path={schema}"})
+
+
+def display_url(engine_or_url: Engine | URL) -> str:
+    """The URL with any password masked, for messages and logs."""
+    url = engine_or_url.url if isinstance(engine_or_url, Engine) else engine_or_url
+    return url.render_as_string(hide_password=True)
+
+
+def make_engine(url: str | URL | None = None) -> Engine:
+    """An engine for ``url`` (see :func:`database_url`), configured for the ledger."""
+    parsed = database_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        engine = create_engine(parsed, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S})
+        event.listen(engine, "connect", _configure_sqlite_connection)
+        event.listen(engine, "begin", _begin_sqlite_transaction)
+        return engine
+    return create_engine(parsed, pool_pre_ping=True, insertmanyvalues_page_size=POSTGRES_INSERT_PAGE_ROWS)
+
+
+def _configure_sqlite_connection(dbapi_connection: sqlite3.Connection, _record: object) -> None:
+    # Hand transaction control to SQLAlchemy (see _begin_sqlite_transaction): the
+    # sqlite3 module's own BEGIN handling skips SELECTs and DDL.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
+    cursor.close()
+
+
+def _begin_sqlite_transaction(connection: Connection) -> None:
+    immediate = connection.get_execution_options().get(_WRITE_OPTION, False)
+    connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+def session_factory(engine: Engine, write: bool = False) -> sessionmaker[Session]:
+    """Sessions bound to ``engine``; ``write=True`` ones take SQLite's write lock when they begin.
+
+    Objects stay usable after commit (``expire_on_commit=False``) because the
+    ledger hands plain values back to callers once its transaction is over.
+    """
+    bind = engine.execution_options(**{_WRITE_OPTION: True}) if write else engine
+    return sessionmaker(bind=bind, expire_on_commit=False)
+
+
+@contextmanager
+def transaction(engine: Engine, write: bool = False) -> Iterator[Session]:
+    """One transaction: committed when the block ends, rolled back if it raises."""
+    with session_factory(engine, write)() as session, session.begin():
+        yield session

@@ -1,0 +1,108 @@
+"""History queries as pandas DataFrames (one row per fact, batch, metric value or alarm).
+
+These are what reports, plots and Prefect artifacts are made of. Timestamps
+come back as timezone-aware UTC; NaN metric values, stored as NULL, come back
+as NaN.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+from sqlalchemy import Engine, Enum, Integer, Select, func, select
+
+from db.models import (AlarmRecord, BatchFact, BatchRecord, EvaluationRecord, EvaluationStatus, FactRecord,
+                       MetricRecord, RollbackRecord, RunRecord, UTCDateTime)
+
+TIMING_PREFIX = "seconds_"
+"""``batches_frame`` spreads each batch's timings over columns ``seconds_<phase>``."""
+
+
+def _frame(engine: Engine, query: Select) -> pd.DataFrame:
+    """Run ``query``; statuses become strings, timestamps UTC datetimes, integers nullable Int64."""
+    with engine.connect() as connection:
+        rows = connection.execute(query).all()
+    frame = pd.DataFrame(rows, columns=list(query.selected_columns.keys()))
+    for column in query.selected_columns:
+        if isinstance(column.type, UTCDateTime):
+            frame[column.key] = pd.to_datetime(frame[column.key], utc=True)
+        elif isinstance(column.type, Integer):
+            frame[column.key] = frame[column.key].astype("Int64")  # ids may be NULL: keep them integers
+        elif isinstance(column.type, Enum):
+            frame[column.key] = frame[column.key].map(lambda value: None if value is None else str(value))
+    return frame
+
+
+def runs_frame(engine: Engine) -> pd.DataFrame:
+    """Every run with its model, algorithm, batch size and status."""
+    columns = [RunRecord.id.label("run_id"), RunRecord.name, RunRecord.model_name, RunRecord.algorithm,
+               RunRecord.distribution, RunRecord.batch_size, RunRecord.eval_every, RunRecord.checkpoint_every,
+               RunRecord.status, RunRecord.created_at, RunRecord.updated_at]
+    return _frame(engine, select(*columns).order_by(RunRecord.id))
+
+
+def facts_frame(engine: Engine, source: str | None = None, status: str | None = None) -> pd.DataFrame:
+    """Ingested records (without raw bytes), optionally of one source and/or status, by id."""
+    columns = [FactRecord.id.label("fact_id"), FactRecord.source, FactRecord.source_index, FactRecord.location,
+               FactRecord.status, FactRecord.subject, FactRecord.prompt, FactRecord.target_new,
+               FactRecord.target_true, FactRecord.relation_id, FactRecord.case_id, FactRecord.duplicate_of,
+               FactRecord.rejection_reason, FactRecord.rejection_field, FactRecord.rejection_detail]
+    query = select(*columns).order_by(FactRecord.id)
+    if source is not None:
+        query = query.where(FactRecord.source == source)
+    if status is not None:
+        query = query.where(FactRecord.status == status)
+    return _frame(engine, query)
+
+
+def batches_frame(engine: Engine, run_id: int) -> pd.DataFrame:
+    """Every batch of a run, rolled back and failed ones included, in claim order, with timings."""
+    query = (select(BatchRecord.id.label("batch_id"), BatchRecord.seq, BatchRecord.status, BatchRecord.n_facts,
+                    BatchRecord.claimed_at, BatchRecord.finished_at, BatchRecord.error,
+                    RollbackRecord.created_at.label("rolled_back_at"), RollbackRecord.to_seq.label("rolled_back_to"),
+                    BatchRecord.timings)
+             .outerjoin(RollbackRecord, BatchRecord.rollback_id == RollbackRecord.id)
+             .where(BatchRecord.run_id == run_id).order_by(BatchRecord.id))
+    frame = _frame(engine, query)
+    frame["duration_s"] = (frame["finished_at"] - frame["claimed_at"]).dt.total_seconds()
+    timings = pd.DataFrame([row or {} for row in frame.pop("timings")], index=frame.index)
+    return frame.join(timings.add_prefix(TIMING_PREFIX))
+
+
+def metrics_frame(engine: Engine, run_id: int, include_rolled_back: bool = False) -> pd.DataFrame:
+    """A run's metric values in long format: (seq, name, split, value), by seq then evaluation."""
+    seq = func.coalesce(BatchRecord.seq, 0).label("seq")
+    query = (select(EvaluationRecord.run_id, EvaluationRecord.id.label("evaluation_id"), seq, MetricRecord.name,
+                    MetricRecord.split, MetricRecord.value, EvaluationRecord.status, EvaluationRecord.created_at)
+             .join(MetricRecord, MetricRecord.evaluation_id == EvaluationRecord.id)
+             .outerjoin(BatchRecord, EvaluationRecord.batch_id == BatchRecord.id)
+             .where(EvaluationRecord.run_id == run_id)
+             .order_by(seq, EvaluationRecord.id, MetricRecord.id))
+    if not include_rolled_back:
+        query = query.where(EvaluationRecord.status == EvaluationStatus.ACTIVE)
+    frame = _frame(engine, query)
+    frame["value"] = frame["value"].astype(float)
+    return frame
+
+
+def alarms_frame(engine: Engine, run_id: int) -> pd.DataFrame:
+    """Every collapse alarm of a run, in the order raised."""
+    seq = func.coalesce(BatchRecord.seq, 0).label("seq")
+    query = (select(AlarmRecord.id.label("alarm_id"), seq, AlarmRecord.evaluation_id, AlarmRecord.rule,
+                    AlarmRecord.metric, AlarmRecord.value, AlarmRecord.baseline, AlarmRecord.threshold,
+                    AlarmRecord.action, AlarmRecord.message, AlarmRecord.created_at)
+             .outerjoin(BatchRecord, AlarmRecord.batch_id == BatchRecord.id)
+             .where(AlarmRecord.run_id == run_id).order_by(AlarmRecord.id))
+    return _frame(engine, query)
+
+
+def edits_for_subject(engine: Engine, subject: str) -> pd.DataFrame:
+    """Every batch, of any run, that took a fact about ``subject`` (exact match), oldest first."""
+    query = (select(FactRecord.id.label("fact_id"), FactRecord.subject, FactRecord.prompt, FactRecord.target_new,
+                    FactRecord.target_true, FactRecord.source, FactRecord.status.label("fact_status"),
+                    BatchRecord.run_id, BatchRecord.id.label("batch_id"), BatchRecord.seq,
+                    BatchRecord.status.label("batch_status"), BatchRecord.claimed_at, BatchRecord.finished_at)
+             .join(BatchFact, BatchFact.fact_id == FactRecord.id)
+             .join(BatchRecord, BatchFact.batch_id == BatchRecord.id)
+             .where(FactRecord.subject == subject)
+             .order_by(BatchRecord.claimed_at, BatchRecord.id, BatchFact.position))
+    return _frame(engine, query)

@@ -1,0 +1,247 @@
+"""Writing a run's history: claim a batch, commit or fail it, roll back — under the run's writer lock.
+
+Every change to a run's ledger goes through a :class:`RunWriter`, which only
+:func:`acquire_writer` hands out, so "one writer per run" holds by
+construction (and a second writer gets :class:`RunLockedError`). The database
+enforces it as well: at most one ``in_progress`` batch per run and one active
+batch per sequence number (partial unique indexes, see :mod:`db.models`).
+
+The life of a batch, as the sequential-editing flow drives it::
+
+    with acquire_writer(engine, run_id) as writer:
+        model.restore(weights_at(engine, run_id, last_applied_seq(engine, run_id)))  # on resume
+        batch = writer.in_progress_batch() or writer.claim_batch()   # redo a crashed batch, else take new facts
+        ...compute the edit (minutes)...
+        writer.commit_batch(batch, deltas, layer_sha256, timings, checkpoint)  # or writer.fail_batch(...)
+
+* :meth:`RunWriter.claim_batch` takes the next pending facts in fact-id order,
+  creates the batch (``in_progress``) and marks the facts ``claimed`` in one
+  transaction (``FOR UPDATE SKIP LOCKED`` on PostgreSQL, ``BEGIN IMMEDIATE`` on
+  SQLite), so two runs drawing from the same pool never get the same fact.
+* If the process dies before committing, the batch stays ``in_progress`` with
+  its facts attached; :meth:`RunWriter.in_progress_batch` returns it, same
+  facts, same order, to be redone.
+* :meth:`RunWriter.commit_batch` writes the deltas, the batch's status and
+  timings, the facts' status and any checkpoint in one transaction.
+* :meth:`RunWriter.fail_batch` marks the batch ``failed`` and returns its facts
+  to the pool; the run's weights and ledger are as before the claim.
+* :meth:`RunWriter.rollback` restores the weights after batch ``n`` and marks
+  every later batch (and its evaluations) rolled back; the next claim is
+  batch ``n + 1`` again.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Mapping
+
+import torch
+from sqlalchemy import Engine, insert, select, update
+from sqlalchemy.orm import Session
+
+from db.engine import transaction
+from db.errors import BatchStateError, LedgerError, LedgerIntegrityError
+from db.locks import writer_lock
+from db.models import (ACTIVE_BATCH_STATUSES, BatchFact, BatchRecord, BatchStatus, Checkpoint, EvaluationRecord,
+                       EvaluationStatus, FactRecord, FactStatus, RollbackRecord, WeightDelta, utcnow)
+from db.replay import applied_head, expected_hashes, weights_at
+from db.runs import RunInfo, get_run
+from db.tensors import delta_to_bytes, weight_to_bytes
+from editing.delta import LowRankDelta, weight_sha256
+from editing.facts import Fact
+
+
+@dataclass(frozen=True)
+class ClaimedBatch:
+    """An ``in_progress`` batch and its facts, in claim order."""
+
+    id: int
+    run_id: int
+    seq: int
+    fact_ids: tuple[int, ...]
+    facts: tuple[Fact, ...]
+    checkpoint_due: bool
+    """True when the run's ``checkpoint_every`` asks for a checkpoint with this batch's commit."""
+
+
+@contextmanager
+def acquire_writer(engine: Engine, run_id: int) -> Iterator["RunWriter"]:
+    """The run's writer for the duration of the block; :class:`RunLockedError` if another one exists."""
+    run = get_run(engine, run_id)
+    lock = writer_lock(engine, run_id)
+    lock.acquire()
+    writer = RunWriter(engine, run)
+    try:
+        yield writer
+    finally:
+        writer._open = False
+        lock.release()
+
+
+class RunWriter:
+    """Write access to one run's ledger; valid only inside :func:`acquire_writer`'s block."""
+
+    def __init__(self, engine: Engine, run: RunInfo) -> None:
+        self.engine = engine
+        self.run = run
+        self._open = True
+
+    def claim_batch(self, batch_size: int | None = None, source: str | None = None) -> ClaimedBatch | None:
+        """Claim the next ``batch_size`` (default: the run's) pending facts, or None if none are left.
+
+        ``source`` restricts the pool to facts ingested under that name.
+        """
+        self._check_open()
+        size = self.run.spec.batch_size if batch_size is None else batch_size
+        if size < 1:
+            raise ValueError(f"a batch holds at least one fact, asked for {size}")
+        with transaction(self.engine, write=True) as session:
+            current = self._in_progress_row(session)
+            if current is not None:
+                raise BatchStateError(f"run {self.run.id} already has batch {current.seq} in progress: "
+                                      f"redo it (in_progress_batch) or fail it before claiming another")
+            query = (select(FactRecord).where(FactRecord.status == FactStatus.PENDING)
+                     .order_by(FactRecord.id).limit(size).with_for_update(skip_locked=True))
+            if source is not None:
+                query = query.where(FactRecord.source == source)
+            rows = session.scalars(query).all()
+            if not rows:
+                return None
+            seq = applied_head(session, self.run.id) + 1
+            batch = BatchRecord(run_id=self.run.id, seq=seq, status=BatchStatus.IN_PROGRESS, n_facts=len(rows))
+            session.add(batch)
+            session.flush()
+            ids = [row.id for row in rows]
+            claimed = session.execute(
+                update(FactRecord).where(FactRecord.id.in_(ids), FactRecord.status == FactStatus.PENDING)
+                .values(status=FactStatus.CLAIMED).execution_options(synchronize_session=False)).rowcount
+            if claimed != len(ids):
+                raise BatchStateError(f"{len(ids) - claimed} facts were taken by someone else while claiming")
+            session.execute(insert(BatchFact), [{"batch_id": batch.id, "position": position, "fact_id": fact_id}
+                                                for position, fact_id in enumerate(ids)])
+            return self._claimed(batch, rows)
+
+    def in_progress_batch(self) -> ClaimedBatch | None:
+        """The batch claimed but never committed or failed (a crash), with the same facts; else None."""
+        self._check_open()
+        with transaction(self.engine) as session:
+            batch = self._in_progress_row(session)
+            if batch is None:
+                return None
+            rows = session.scalars(select(FactRecord).join(BatchFact, BatchFact.fact_id == FactRecord.id)
+                                   .where(BatchFact.batch_id == batch.id).order_by(BatchFact.position)).all()
+            return self._claimed(batch, rows)
+
+    def commit_batch(self, batch: ClaimedBatch, deltas: Mapping[int, LowRankDelta], layer_sha256: Mapping[int, str],
+                     timings: Mapping[str, float] | None = None,
+                     checkpoint: Mapping[int, torch.Tensor] | None = None) -> None:
+        """Record ``batch`` as applied, in one transaction.
+
+        ``deltas`` and ``layer_sha256`` (the :func:`weight_sha256` of each layer
+        after applying its delta) cover the layers this batch changed.
+        ``checkpoint``, the weights of *every* edited layer after the batch, is
+        required when ``batch.checkpoint_due`` and allowed at any batch; it is
+        verified against the hashes the ledger implies before it is stored.
+        """
+        self._check_batch(batch)
+        if set(deltas) != set(layer_sha256):
+            raise ValueError(f"deltas for layers {sorted(deltas)} but hashes for {sorted(layer_sha256)}")
+        unknown = set(deltas) - set(self.run.layers)
+        if unknown:
+            raise ValueError(f"layers {sorted(unknown)} are not edited by run {self.run.id} ({self.run.layers})")
+        if checkpoint is None and batch.checkpoint_due:
+            raise ValueError(f"batch {batch.seq} is due a checkpoint (every {self.run.spec.checkpoint_every} "
+                             f"batches): pass the weights of layers {self.run.layers}")
+        if checkpoint is not None and set(checkpoint) != set(self.run.layers):
+            raise ValueError(f"a checkpoint holds every edited layer {self.run.layers}, got {sorted(checkpoint)}")
+        delta_rows = [{"batch_id": batch.id, "layer": layer, "rank": delta.rank, "factors": delta_to_bytes(delta),
+                       "sha256_after": layer_sha256[layer]} for layer, delta in sorted(deltas.items())]
+        snapshot = {layer: (weight_to_bytes(weight), weight_sha256(weight))
+                    for layer, weight in (checkpoint or {}).items()}
+        with transaction(self.engine, write=True) as session:
+            self._finish(session, batch, BatchStatus.APPLIED, timings=dict(timings) if timings else None)
+            if delta_rows:
+                session.execute(insert(WeightDelta), delta_rows)
+            self._set_fact_status(session, [batch.id], FactStatus.APPLIED, (FactStatus.CLAIMED,))
+            if snapshot:
+                self._store_checkpoint(session, batch, snapshot)
+
+    def fail_batch(self, batch: ClaimedBatch, error: str) -> None:
+        """Mark ``batch`` failed (with ``error``) and return its facts to the pending pool."""
+        self._check_batch(batch)
+        with transaction(self.engine, write=True) as session:
+            self._finish(session, batch, BatchStatus.FAILED, error=error)
+            self._set_fact_status(session, [batch.id], FactStatus.PENDING, (FactStatus.CLAIMED,))
+
+    def rollback(self, seq: int, restore_facts: bool = True, reason: str | None = None) -> dict[int, torch.Tensor]:
+        """Return the verified weights after batch ``seq`` and mark every later batch rolled back.
+
+        Later batches (applied or in progress) and their evaluations keep their
+        rows with status ``rolled_back``; their facts go back to ``pending``
+        (``restore_facts=True``) or become ``rolled_back``. The next claim is
+        batch ``seq + 1``.
+        """
+        self._check_open()
+        weights = weights_at(self.engine, self.run.id, seq)
+        with transaction(self.engine, write=True) as session:
+            record = RollbackRecord(run_id=self.run.id, to_seq=seq, restore_facts=restore_facts, reason=reason)
+            session.add(record)
+            session.flush()
+            later = session.scalars(select(BatchRecord.id).where(
+                BatchRecord.run_id == self.run.id, BatchRecord.seq > seq,
+                BatchRecord.status.in_(ACTIVE_BATCH_STATUSES))).all()
+            if later:
+                session.execute(update(EvaluationRecord)
+                                .where(EvaluationRecord.batch_id.in_(later),
+                                       EvaluationRecord.status == EvaluationStatus.ACTIVE)
+                                .values(status=EvaluationStatus.ROLLED_BACK, rollback_id=record.id))
+                self._set_fact_status(session, later, FactStatus.PENDING if restore_facts else FactStatus.ROLLED_BACK,
+                                      (FactStatus.APPLIED, FactStatus.CLAIMED))
+                session.execute(update(BatchRecord).where(BatchRecord.id.in_(later))
+                                .values(status=BatchStatus.ROLLED_BACK, rollback_id=record.id))
+        return weights
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if not self._open:
+            raise LedgerError(f"the writer of run {self.run.id} was released; acquire it again")
+
+    def _check_batch(self, batch: ClaimedBatch) -> None:
+        self._check_open()
+        if batch.run_id != self.run.id:
+            raise ValueError(f"batch {batch.id} belongs to run {batch.run_id}, not run {self.run.id}")
+
+    def _in_progress_row(self, session: Session) -> BatchRecord | None:
+        return session.scalar(select(BatchRecord).where(BatchRecord.run_id == self.run.id,
+                                                        BatchRecord.status == BatchStatus.IN_PROGRESS))
+
+    def _claimed(self, batch: BatchRecord, rows: list[FactRecord]) -> ClaimedBatch:
+        return ClaimedBatch(id=batch.id, run_id=batch.run_id, seq=batch.seq,
+                            fact_ids=tuple(row.id for row in rows), facts=tuple(row.to_fact() for row in rows),
+                            checkpoint_due=batch.seq % self.run.spec.checkpoint_every == 0)
+
+    @staticmethod
+    def _finish(session: Session, batch: ClaimedBatch, status: BatchStatus, **values: object) -> None:
+        finished = session.execute(update(BatchRecord)
+                                   .where(BatchRecord.id == batch.id, BatchRecord.status == BatchStatus.IN_PROGRESS)
+                                   .values(status=status, finished_at=utcnow(), **values)).rowcount
+        if finished != 1:
+            raise BatchStateError(f"batch {batch.seq} (id {batch.id}) of run {batch.run_id} is no longer in "
+                                  f"progress (failed or rolled back meanwhile?)")
+
+    @staticmethod
+    def _set_fact_status(session: Session, batch_ids: list[int], status: FactStatus,
+                         only_from: tuple[FactStatus, ...]) -> None:
+        members = select(BatchFact.fact_id).where(BatchFact.batch_id.in_(batch_ids))
+        session.execute(update(FactRecord).where(FactRecord.id.in_(members), FactRecord.status.in_(only_from))
+                        .values(status=status).execution_options(synchronize_session=False))
+
+    def _store_checkpoint(self, session: Session, batch: ClaimedBatch, snapshot: dict[int, tuple[bytes, str]]) -> None:
+        expected = expected_hashes(session, self.run.id, batch.seq)
+        wrong = [layer for layer, (_, sha) in snapshot.items() if sha != expected[layer]]
+        if wrong:
+            raise LedgerIntegrityError(f"checkpoint after batch {batch.seq} disagrees with the recorded hashes "
+                                       f"for layers {wrong}: it is not the weights this history produces")
+        session.add_all(Checkpoint(run_id=self.run.id, batch_id=batch.id, layer=layer, weights=blob, sha256=sha)
+                        for layer, (blob, sha) in snapshot.items())

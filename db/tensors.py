@@ -1,0 +1,41 @@
+"""Tensors ↔ safetensors bytes, the only form in which the ledger stores weights.
+
+safetensors keeps dtype, shape and the exact bits (bfloat16 included) and
+cannot execute code when loaded, unlike pickle; bytes go into a BLOB/bytea.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from safetensors.torch import load, save
+
+from editing.delta import LowRankDelta
+
+
+def tensors_to_bytes(tensors: Mapping[str, torch.Tensor]) -> bytes:
+    """Serialise named tensors (any device, any layout) to safetensors bytes."""
+    return save({name: tensor.detach().to("cpu").contiguous() for name, tensor in tensors.items()})
+
+
+def tensors_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`tensors_to_bytes`; tensors come back on the CPU."""
+    return load(bytes(data))
+
+
+def delta_to_bytes(delta: LowRankDelta) -> bytes:
+    return tensors_to_bytes({"u": delta.u, "v": delta.v})
+
+
+def delta_from_bytes(data: bytes) -> LowRankDelta:
+    tensors = tensors_from_bytes(data)
+    return LowRankDelta(tensors["u"], tensors["v"])
+
+
+def weight_to_bytes(weight: torch.Tensor) -> bytes:
+    return tensors_to_bytes({"weight": weight})
+
+
+def weight_from_bytes(data: bytes) -> torch.Tensor:
+    return tensors_from_bytes(data)["weight"]

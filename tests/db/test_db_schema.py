@@ -1,0 +1,89 @@
+"""The schema exists only through the migrations, identically on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import inspect, text
+from sqlalchemy.exc import IntegrityError
+
+from db.engine import database_url, in_schema, make_engine, transaction
+from db.errors import SchemaNotCurrentError
+from db.migrate import current_revision, downgrade, head_revision, require_current, upgrade
+from db.models import Base
+from flows.cli import main
+
+LEDGER_TABLES = {"facts", "runs", "rollbacks", "batches", "batch_facts", "weight_deltas", "checkpoints",
+                 "evaluations", "metrics", "alarms"}
+
+
+def _tables(engine) -> set[str]:
+    return set(inspect(engine).get_table_names()) - {"alembic_version"}
+
+
+def test_upgrade_creates_every_table_and_downgrade_removes_them(empty_database_url):
+    engine = make_engine(empty_database_url)
+    try:
+        with pytest.raises(SchemaNotCurrentError, match="has no ledger tables"):
+            require_current(engine)
+        upgrade(empty_database_url)
+        assert _tables(engine) == LEDGER_TABLES
+        assert current_revision(engine) == head_revision()
+        require_current(engine)
+        downgrade(empty_database_url)
+        assert _tables(engine) == set()
+        assert current_revision(engine) is None
+    finally:
+        engine.dispose()
+
+
+def test_migrations_and_models_describe_the_same_schema(database):
+    with database.engine.connect() as connection:
+        differences = compare_metadata(MigrationContext.configure(connection, opts={"compare_type": True}),
+                                       Base.metadata)
+    assert differences == []
+
+
+def test_check_constraints_are_enforced(database):
+    with pytest.raises(IntegrityError):
+        with transaction(database.engine, write=True) as session:
+            session.execute(text("INSERT INTO facts (source, source_index, location, record_sha256, status, "
+                                 "created_at, updated_at) VALUES ('s', 0, 'line 1', 'x', 'bogus', "
+                                 "CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"))
+
+
+def test_sqlite_connections_use_wal_foreign_keys_and_a_busy_timeout(tmp_path):
+    engine = make_engine(f"sqlite:///{tmp_path / 'ledger.db'}")
+    try:
+        with engine.connect() as connection:
+            assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            assert connection.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+            assert connection.exec_driver_sql("PRAGMA busy_timeout").scalar() >= 10_000
+    finally:
+        engine.dispose()
+
+
+def test_database_url_defaults_and_driver(monkeypatch):
+    monkeypatch.delenv("SEQEDIT_DATABASE_URL", raising=False)
+    assert database_url().render_as_string() == "sqlite:///seqedit.db"
+    monkeypatch.setenv("SEQEDIT_DATABASE_URL", "postgresql://user@db.example/ledger")
+    assert database_url().drivername == "postgresql+psycopg"
+    assert database_url("sqlite:///other.db").database == "other.db"
+    with pytest.raises(ValueError, match="in-memory"):
+        database_url("sqlite://")
+    with pytest.raises(ValueError, match="unsupported database"):
+        database_url("mysql://localhost/x")
+    assert in_schema("postgresql://localhost/ledger", "study_1").query["options"] == "-csearch_path=study_1"
+    with pytest.raises(ValueError, match="PostgreSQL feature"):
+        in_schema("sqlite:///x.db", "study_1")
+
+
+def test_init_command_migrates_the_database(empty_database_url, capsys):
+    assert main(["init", "--db", empty_database_url]) == 0
+    assert f"revision {head_revision()}" in capsys.readouterr().out
+    engine = make_engine(empty_database_url)
+    try:
+        assert _tables(engine) == LEDGER_TABLES
+    finally:
+        engine.dispose()
