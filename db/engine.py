@@ -51,6 +51,15 @@ def database_url(url: str | URL | None = None) -> URL:
     return parsed
 
 
+def absolute_url(url: str | URL | None = None) -> str:
+    """:func:`database_url` as a string that means the same from any working directory
+    (an SQLite path made absolute); for URLs handed to another process, e.g. a scheduled run."""
+    parsed = database_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        parsed = parsed.set(database=os.path.abspath(parsed.database))
+    return parsed.render_as_string(hide_password=False)
+
+
 def in_schema(url: str | URL, schema: str) -> URL:
     """A PostgreSQL URL whose connections use ``schema`` (through ``search_path``).
 

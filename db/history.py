@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import pandas as pd
 from sqlalchemy import Engine, Enum, Integer, Select, func, select
+from sqlalchemy.orm import Session
 
-from db.models import (AlarmRecord, BatchFact, BatchRecord, EvaluationRecord, EvaluationStatus, FactRecord,
+from db.models import (ACTIVE_BATCH_STATUSES, AlarmRecord, BatchStatus, BatchFact, BatchRecord, EvaluationRecord, EvaluationStatus, FactRecord,
                        MetricRecord, RollbackRecord, RunRecord, UTCDateTime)
+from db.ledger import available_facts
+from db.runs import get_run
+from editing.facts import Fact
 
 TIMING_PREFIX = "seconds_"
 """``batches_frame`` spreads each batch's timings over columns ``seconds_<phase>``."""
@@ -84,6 +88,20 @@ def metrics_frame(engine: Engine, run_id: int, include_rolled_back: bool = False
     return frame
 
 
+def evaluations_frame(engine: Engine, run_id: int, include_rolled_back: bool = False) -> pd.DataFrame:
+    """A run's evaluations (one row each): where in the history, how long they took, their status."""
+    seq = func.coalesce(BatchRecord.seq, 0).label("seq")
+    query = (select(EvaluationRecord.id.label("evaluation_id"), seq, EvaluationRecord.status,
+                    EvaluationRecord.duration_s, EvaluationRecord.created_at)
+             .outerjoin(BatchRecord, EvaluationRecord.batch_id == BatchRecord.id)
+             .where(EvaluationRecord.run_id == run_id).order_by(seq, EvaluationRecord.id))
+    if not include_rolled_back:
+        query = query.where(EvaluationRecord.status == EvaluationStatus.ACTIVE)
+    frame = _frame(engine, query)
+    frame["duration_s"] = frame["duration_s"].astype(float)
+    return frame
+
+
 def alarms_frame(engine: Engine, run_id: int) -> pd.DataFrame:
     """Every collapse alarm of a run, in the order raised."""
     seq = func.coalesce(BatchRecord.seq, 0).label("seq")
@@ -92,6 +110,18 @@ def alarms_frame(engine: Engine, run_id: int) -> pd.DataFrame:
                     AlarmRecord.action, AlarmRecord.message, AlarmRecord.created_at)
              .outerjoin(BatchRecord, AlarmRecord.batch_id == BatchRecord.id)
              .where(AlarmRecord.run_id == run_id).order_by(AlarmRecord.id))
+    return _frame(engine, query)
+
+
+def run_facts_frame(engine: Engine, run_id: int) -> pd.DataFrame:
+    """Every fact the run's batches took (rolled-back and failed batches included), batch by batch."""
+    query = (select(BatchRecord.seq, BatchRecord.id.label("batch_id"), BatchRecord.status.label("batch_status"),
+                    BatchFact.position, FactRecord.id.label("fact_id"), FactRecord.source, FactRecord.location,
+                    FactRecord.case_id, FactRecord.subject, FactRecord.prompt, FactRecord.target_new,
+                    FactRecord.target_true, FactRecord.status.label("fact_status"))
+             .join(BatchFact, BatchFact.batch_id == BatchRecord.id)
+             .join(FactRecord, BatchFact.fact_id == FactRecord.id)
+             .where(BatchRecord.run_id == run_id).order_by(BatchRecord.id, BatchFact.position))
     return _frame(engine, query)
 
 
@@ -106,3 +136,32 @@ def edits_for_subject(engine: Engine, subject: str) -> pd.DataFrame:
              .where(FactRecord.subject == subject)
              .order_by(BatchRecord.claimed_at, BatchRecord.id, BatchFact.position))
     return _frame(engine, query)
+
+
+def applied_facts(engine: Engine, run_id: int) -> list[tuple[int, Fact]]:
+    """(fact id, fact) of every fact in the run's current history (applied batches), in edit order."""
+    query = (select(FactRecord).join(BatchFact, BatchFact.fact_id == FactRecord.id)
+             .join(BatchRecord, BatchFact.batch_id == BatchRecord.id)
+             .where(BatchRecord.run_id == run_id, BatchRecord.status == BatchStatus.APPLIED)
+             .order_by(BatchRecord.seq, BatchFact.position))
+    with Session(engine) as session:
+        return [(row.id, row.to_fact()) for row in session.scalars(query)]
+
+
+def batch_facts(engine: Engine, run_id: int, seq: int) -> list[Fact]:
+    """The facts of the run's active batch ``seq``, in claim order (empty for 0, the baseline)."""
+    query = (select(FactRecord).join(BatchFact, BatchFact.fact_id == FactRecord.id)
+             .join(BatchRecord, BatchFact.batch_id == BatchRecord.id)
+             .where(BatchRecord.run_id == run_id, BatchRecord.seq == seq,
+                    BatchRecord.status.in_(ACTIVE_BATCH_STATUSES))
+             .order_by(BatchFact.position))
+    with Session(engine) as session:
+        return [row.to_fact() for row in session.scalars(query)]
+
+
+def pending_count(engine: Engine, run_id: int) -> int:
+    """How many facts the run could still claim (its pool, see :func:`db.ledger.available_facts`)."""
+    run = get_run(engine, run_id)
+    with engine.connect() as connection:
+        return int(connection.execute(select(func.count()).select_from(FactRecord)
+                                      .where(available_facts(run))).scalar_one())

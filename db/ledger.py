@@ -37,14 +37,15 @@ from dataclasses import dataclass
 from typing import Iterator, Mapping
 
 import torch
-from sqlalchemy import Engine, insert, select, update
+from sqlalchemy import ColumnElement, Engine, and_, insert, select, update
 from sqlalchemy.orm import Session
 
 from db.engine import transaction
 from db.errors import BatchStateError, LedgerError, LedgerIntegrityError
 from db.locks import writer_lock
-from db.models import (ACTIVE_BATCH_STATUSES, BatchFact, BatchRecord, BatchStatus, Checkpoint, EvaluationRecord,
-                       EvaluationStatus, FactRecord, FactStatus, RollbackRecord, WeightDelta, utcnow)
+from db.models import (ACTIVE_BATCH_STATUSES, EDITABLE_FACT_STATUSES, BatchFact, BatchRecord, BatchStatus,
+                       Checkpoint, EvaluationRecord, EvaluationStatus, FactRecord, FactStatus, RollbackRecord,
+                       WeightDelta, utcnow)
 from db.replay import applied_head, expected_hashes, weights_at
 from db.runs import RunInfo, get_run
 from db.tensors import delta_to_bytes, weight_to_bytes
@@ -63,6 +64,18 @@ class ClaimedBatch:
     facts: tuple[Fact, ...]
     checkpoint_due: bool
     """True when the run's ``checkpoint_every`` asks for a checkpoint with this batch's commit."""
+
+
+def available_facts(run: RunInfo) -> ColumnElement[bool]:
+    """The condition on ``facts`` rows that ``run`` may claim next (see :meth:`RunWriter.claim_batch`)."""
+    spec = run.spec
+    if spec.fact_pool == "private":
+        in_history = (select(BatchFact.fact_id).join(BatchRecord, BatchFact.batch_id == BatchRecord.id)
+                      .where(BatchRecord.run_id == run.id, BatchRecord.status.in_(ACTIVE_BATCH_STATUSES)))
+        return and_(FactRecord.source == spec.fact_source, FactRecord.status.in_(EDITABLE_FACT_STATUSES),
+                    FactRecord.id.not_in(in_history))
+    condition = FactRecord.status == FactStatus.PENDING
+    return condition if spec.fact_source is None else and_(condition, FactRecord.source == spec.fact_source)
 
 
 @contextmanager
@@ -87,10 +100,14 @@ class RunWriter:
         self.run = run
         self._open = True
 
-    def claim_batch(self, batch_size: int | None = None, source: str | None = None) -> ClaimedBatch | None:
-        """Claim the next ``batch_size`` (default: the run's) pending facts, or None if none are left.
+    def claim_batch(self, batch_size: int | None = None) -> ClaimedBatch | None:
+        """Claim the run's next ``batch_size`` (default: the run's) facts, or None if none are left.
 
-        ``source`` restricts the pool to facts ingested under that name.
+        A ``shared`` run takes pending facts (of its source, if it has one) and
+        marks them claimed; a ``private`` run takes the valid facts of its
+        source that are not in its current history, leaving their status alone.
+        Both go in fact-id order, so a history replayed after a rollback takes
+        the same facts again.
         """
         self._check_open()
         size = self.run.spec.batch_size if batch_size is None else batch_size
@@ -101,10 +118,9 @@ class RunWriter:
             if current is not None:
                 raise BatchStateError(f"run {self.run.id} already has batch {current.seq} in progress: "
                                       f"redo it (in_progress_batch) or fail it before claiming another")
-            query = (select(FactRecord).where(FactRecord.status == FactStatus.PENDING)
-                     .order_by(FactRecord.id).limit(size).with_for_update(skip_locked=True))
-            if source is not None:
-                query = query.where(FactRecord.source == source)
+            query = select(FactRecord).where(available_facts(self.run)).order_by(FactRecord.id).limit(size)
+            if not self.private:
+                query = query.with_for_update(skip_locked=True)
             rows = session.scalars(query).all()
             if not rows:
                 return None
@@ -113,14 +129,20 @@ class RunWriter:
             session.add(batch)
             session.flush()
             ids = [row.id for row in rows]
-            claimed = session.execute(
-                update(FactRecord).where(FactRecord.id.in_(ids), FactRecord.status == FactStatus.PENDING)
-                .values(status=FactStatus.CLAIMED).execution_options(synchronize_session=False)).rowcount
-            if claimed != len(ids):
-                raise BatchStateError(f"{len(ids) - claimed} facts were taken by someone else while claiming")
+            if not self.private:
+                claimed = session.execute(
+                    update(FactRecord).where(FactRecord.id.in_(ids), FactRecord.status == FactStatus.PENDING)
+                    .values(status=FactStatus.CLAIMED).execution_options(synchronize_session=False)).rowcount
+                if claimed != len(ids):
+                    raise BatchStateError(f"{len(ids) - claimed} facts were taken by someone else while claiming")
             session.execute(insert(BatchFact), [{"batch_id": batch.id, "position": position, "fact_id": fact_id}
                                                 for position, fact_id in enumerate(ids)])
             return self._claimed(batch, rows)
+
+    @property
+    def private(self) -> bool:
+        """A private pool: the facts' global status is not this run's to change."""
+        return self.run.spec.fact_pool == "private"
 
     def in_progress_batch(self) -> ClaimedBatch | None:
         """The batch claimed but never committed or failed (a crash), with the same facts; else None."""
@@ -163,7 +185,8 @@ class RunWriter:
             self._finish(session, batch, BatchStatus.APPLIED, timings=dict(timings) if timings else None)
             if delta_rows:
                 session.execute(insert(WeightDelta), delta_rows)
-            self._set_fact_status(session, [batch.id], FactStatus.APPLIED, (FactStatus.CLAIMED,))
+            if not self.private:
+                self._set_fact_status(session, [batch.id], FactStatus.APPLIED, (FactStatus.CLAIMED,))
             if snapshot:
                 self._store_checkpoint(session, batch, snapshot)
 
@@ -172,7 +195,8 @@ class RunWriter:
         self._check_batch(batch)
         with transaction(self.engine, write=True) as session:
             self._finish(session, batch, BatchStatus.FAILED, error=error)
-            self._set_fact_status(session, [batch.id], FactStatus.PENDING, (FactStatus.CLAIMED,))
+            if not self.private:
+                self._set_fact_status(session, [batch.id], FactStatus.PENDING, (FactStatus.CLAIMED,))
 
     def rollback(self, seq: int, restore_facts: bool = True, reason: str | None = None) -> dict[int, torch.Tensor]:
         """Return the verified weights after batch ``seq`` and mark every later batch rolled back.
@@ -196,8 +220,10 @@ class RunWriter:
                                 .where(EvaluationRecord.batch_id.in_(later),
                                        EvaluationRecord.status == EvaluationStatus.ACTIVE)
                                 .values(status=EvaluationStatus.ROLLED_BACK, rollback_id=record.id))
-                self._set_fact_status(session, later, FactStatus.PENDING if restore_facts else FactStatus.ROLLED_BACK,
-                                      (FactStatus.APPLIED, FactStatus.CLAIMED))
+                if not self.private:
+                    self._set_fact_status(session, later,
+                                          FactStatus.PENDING if restore_facts else FactStatus.ROLLED_BACK,
+                                          (FactStatus.APPLIED, FactStatus.CLAIMED))
                 session.execute(update(BatchRecord).where(BatchRecord.id.in_(later))
                                 .values(status=BatchStatus.ROLLED_BACK, rollback_id=record.id))
         return weights

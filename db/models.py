@@ -69,6 +69,11 @@ class EvaluationStatus(StrEnum):
     ROLLED_BACK = "rolled_back"
 
 
+FACT_POOLS = ("shared", "private")
+
+EDITABLE_FACT_STATUSES = (FactStatus.PENDING, FactStatus.CLAIMED, FactStatus.APPLIED, FactStatus.ROLLED_BACK)
+"""Statuses of valid, canonical facts (not rejected, not duplicates): what a private pool draws from."""
+
 ACTIVE_BATCH_STATUSES = (BatchStatus.IN_PROGRESS, BatchStatus.APPLIED)
 """Statuses of the batches that make up a run's current history."""
 
@@ -200,6 +205,12 @@ class RunRecord(Base):
     checkpoint_every: Mapped[int] = mapped_column(Integer)
     """Store full edited-layer weights every this many batches (bounds rollback time)."""
     collapse_policy: Mapped[dict[str, Any]] = mapped_column(JSON)
+    fact_pool: Mapped[str] = mapped_column(String(16), server_default="shared")
+    """``shared``: the run takes pending facts and consumes them (each fact is edited once, by
+    whichever run claims it); ``private``: the run edits every valid fact of its source, in id
+    order, whatever other runs did, and leaves the facts' global status alone."""
+    fact_source: Mapped[str | None] = mapped_column(String(200))
+    """Only facts ingested under this source name (NULL: any source; required for ``private``)."""
     status: Mapped[RunStatus] = mapped_column(_status(RunStatus, "run_status"))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
@@ -208,6 +219,7 @@ class RunRecord(Base):
         CheckConstraint("batch_size > 0", name="positive_batch_size"),
         CheckConstraint("eval_every >= 0", name="eval_every_not_negative"),
         CheckConstraint("checkpoint_every > 0", name="positive_checkpoint_every"),
+        CheckConstraint("fact_pool IN ('shared', 'private')", name="known_fact_pool"),
     )
 
 

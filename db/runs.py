@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from db.engine import transaction
 from db.errors import RunNotFoundError
-from db.models import Checkpoint, RunRecord, RunStatus
+from db.models import FACT_POOLS, Checkpoint, RunRecord, RunStatus
 from db.tensors import weight_to_bytes
 from editing.delta import weight_sha256
 
@@ -41,6 +41,15 @@ class RunSpec:
     model_revision: str | None = None
     model_fingerprint: str | None = None
     name: str | None = None
+    fact_pool: str = "shared"
+    """``shared`` or ``private`` (see :class:`db.models.RunRecord`)."""
+    fact_source: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.fact_pool not in FACT_POOLS:
+            raise ValueError(f"fact_pool must be one of {FACT_POOLS}, got {self.fact_pool!r}")
+        if self.fact_pool == "private" and not self.fact_source:
+            raise ValueError("a private fact pool needs a fact_source: the source whose facts the run edits")
 
 
 @dataclass(frozen=True)

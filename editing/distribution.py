@@ -88,10 +88,10 @@ class LayerUpdate:
 def distribute(adapter: ModelAdapter, rows: RewriteRows, n_facts: int, targets: torch.Tensor,
                layers: tuple[int, ...], distribution: EditDistribution, algorithm: str,
                second_moments: dict[int, torch.Tensor], params: ObjectiveParams,
-               on_solve: Callable[[float], None] | None = None) -> list[LayerUpdate]:
+               on_layer: Callable[[LayerUpdate, float], None] | None = None) -> list[LayerUpdate]:
     """Spread target residuals ``targets`` (B × d, at the last layer) over ``layers``, applying
-    each layer's update to the model as it goes. ``on_solve`` receives the seconds spent in
-    each solve+apply (the rest is key/residual reading)."""
+    each layer's update to the model as it goes. ``on_layer`` is called after each layer is
+    updated, with the update and the seconds its solve+apply took (the rest is key reading)."""
     edit_layers = distribution.edit_layers(layers)
     target_layer = edit_layers[-1]
     updates = []
@@ -104,7 +104,8 @@ def distribute(adapter: ModelAdapter, rows: RewriteRows, n_facts: int, targets: 
         v_e = weight.detach().to(torch.float64) @ k_e + residual.T.to(weight.device, torch.float64)
         delta = solve(algorithm, weight, second_moments[layer], k_e, v_e, params)
         apply_delta(weight, delta)
-        if on_solve is not None:
-            on_solve(time.perf_counter() - started)
-        updates.append(LayerUpdate(layer, delta, float(residual.norm(dim=1).mean())))
+        update = LayerUpdate(layer, delta, float(residual.norm(dim=1).mean()))
+        updates.append(update)
+        if on_layer is not None:
+            on_layer(update, time.perf_counter() - started)
     return updates

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -80,24 +81,33 @@ class Editor:
             raise ValueError("an edit batch needs at least one fact")
         self.objective.check_batch_size(len(facts))
 
-    def apply(self, facts: list[Fact]) -> BatchEdit:
-        """Edit the model with ``facts``; on any error the model is left exactly as it was."""
+    def apply(self, facts: list[Fact], on_layer: Callable[[LayerUpdate], None] | None = None) -> BatchEdit:
+        """Edit the model with ``facts``; on any error the model is left exactly as it was.
+
+        ``on_layer`` is called after each layer's update is written (progress, crash tests).
+        """
         self.check_batch(facts)
         before = self.adapter.snapshot(list(self.layers))
         try:
-            return self._apply(facts)
+            return self._apply(facts, on_layer)
         except BaseException:
             self.adapter.restore(before)
             raise
 
-    def _apply(self, facts: list[Fact]) -> BatchEdit:
+    def _apply(self, facts: list[Fact], on_layer: Callable[[LayerUpdate], None] | None) -> BatchEdit:
         started = time.perf_counter()
         values = compute_value_targets(self.adapter, facts, self.layers[-1], self.prefixes, self.config.values)
         rows = build_rewrite_rows(self.adapter, facts, self.prefixes, with_targets=False)
         solve_seconds: list[float] = []
+
+        def layer_done(update: LayerUpdate, seconds: float) -> None:
+            solve_seconds.append(seconds)
+            if on_layer is not None:
+                on_layer(update)
+
         updates = distribute(self.adapter, rows, len(facts), values.z, self.layers, self.distribution,
                              self.config.algorithm, self.second_moments, self.config.objective,
-                             on_solve=solve_seconds.append)
+                             on_layer=layer_done)
         total = time.perf_counter() - started
         seconds = {"keys_values": total - sum(solve_seconds), "solve": sum(solve_seconds)}
         log.info("edited %d facts in %.1fs (%s)", len(facts), total, seconds)

@@ -12,7 +12,7 @@ import importlib
 import logging
 import sys
 
-COMMANDS = ("edit", "ingest", "init")
+COMMANDS = ("demo", "init", "ingest", "run", "serve", "eval", "history", "rollback", "export", "report", "edit")
 """Subcommand modules in :mod:`flows.commands`, in the order ``--help`` lists them."""
 
 
@@ -33,11 +33,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from db.errors import LedgerError
+
     try:
         return int(args.handler(args) or 0)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, LookupError, FileNotFoundError, LedgerError) as error:
         print(f"seqedit {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"seqedit {args.command}: interrupted; a run resumes with `seqedit run --resume RUN_ID`",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

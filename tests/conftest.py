@@ -16,5 +16,10 @@ SHARED_DATA = (ROOT.parent / "shared" / "data").resolve()
 os.environ.setdefault("SEQEDIT_CACHE", str(ROOT / ".cache" / "seqedit"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("PREFECT_HOME", str(ROOT / ".prefect"))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
-pytest_plugins = ["fixtures.models", "fixtures.evaluation", "fixtures.database"]
+pytest_plugins = ["fixtures.models", "fixtures.evaluation", "fixtures.database", "fixtures.prefect",
+                  "fixtures.runs"]

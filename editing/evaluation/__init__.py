@@ -9,7 +9,7 @@ from editing.evaluation.counterfact import (CounterFactScores, FactResult, Promp
                                             harmonic_mean, retention)
 from editing.evaluation.downstream import (TASKS, TaskAccuracy, TaskExample, TaskSpec, build_examples,
                                            downstream_accuracy, load_records)
-from editing.evaluation.generation import (GenerationResult, generation_entropy, greedy_generate, ngram_entropy,
+from editing.evaluation.generation import (PROBE_PROMPTS, GenerationResult, generation_entropy, greedy_generate, ngram_entropy,
                                            text_entropy, word_tokens)
 from editing.evaluation.norms import LayerNorms, layer_norms
 from editing.evaluation.perplexity import perplexity
@@ -20,7 +20,7 @@ from editing.corpus import TEXT_CORPORA, TextCorpus, data_dir, load_texts, sampl
 __all__ = [
     "CounterFactScores", "FactResult", "PromptSetScores", "counterfact_metrics", "harmonic_mean", "retention",
     "TASKS", "TaskAccuracy", "TaskExample", "TaskSpec", "build_examples", "downstream_accuracy", "load_records",
-    "GenerationResult", "generation_entropy", "greedy_generate", "ngram_entropy", "text_entropy", "word_tokens",
+    "PROBE_PROMPTS", "GenerationResult", "generation_entropy", "greedy_generate", "ngram_entropy", "text_entropy", "word_tokens",
     "LayerNorms", "layer_norms",
     "perplexity",
     "TargetScores", "TokenScores", "score_continuations", "score_targets",

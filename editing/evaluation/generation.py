@@ -34,6 +34,15 @@ from transformers import GenerationConfig
 from editing.models.adapter import ModelAdapter
 from editing.tokens import encode_prompt
 
+PROBE_PROMPTS = (
+    "The city of", "My favourite food is", "The history of science", "In the morning, I",
+    "The president of the company said", "Music is", "The river flows", "Yesterday the team",
+    "A good book", "The most important thing",
+)
+"""Neutral generation prompts for GE across a sequential run: unlike the edited facts' own
+generation prompts they are the same at every evaluation (and the baseline), so a GE drop
+means the model's generations changed, not the prompts."""
+
 NGRAM_ORDERS = (2, 3)
 NGRAM_WEIGHTS = (2 / 3, 4 / 3)
 

@@ -106,11 +106,13 @@ class EvaluationReport:
 
 def evaluate(adapter: ModelAdapter, config: EvaluationConfig, facts: Sequence[Fact] = (),
              earlier_facts: Sequence[Fact] = (),
-             original_weights: Mapping[int, torch.Tensor] | None = None) -> EvaluationReport:
+             original_weights: Mapping[int, torch.Tensor] | None = None,
+             generation_prompts: Sequence[str] | None = None) -> EvaluationReport:
     """Run the parts of the suite that ``config`` enables and the given data allows.
 
-    ``facts`` feed the CounterFact metrics and GE, ``earlier_facts`` retention,
-    ``original_weights`` (layer → W0) the norms; a part without its data is skipped.
+    ``facts`` feed the CounterFact metrics and, unless ``generation_prompts`` are given, GE;
+    ``earlier_facts`` retention; ``original_weights`` (layer → W0) the norms. A part without
+    its data is skipped.
     """
     parts: dict[str, object] = {}
     seconds: dict[str, float] = {}
@@ -125,7 +127,8 @@ def evaluate(adapter: ModelAdapter, config: EvaluationConfig, facts: Sequence[Fa
         timed("counterfact", lambda: counterfact_metrics(adapter, facts, size))
     if config.retention and earlier_facts:
         timed("retention", lambda: retention(adapter, earlier_facts, size))
-    prompts = [prompt for fact in facts[:config.generation_facts] for prompt in fact.generation_prompts]
+    prompts = list(generation_prompts) if generation_prompts is not None else [
+        prompt for fact in facts[:config.generation_facts] for prompt in fact.generation_prompts]
     if config.generation and prompts:
         timed("generation", lambda: generation_entropy(adapter, prompts, config.max_new_tokens,
                                                        config.generation_batch_size))

@@ -6,22 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-
-def _layers(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--layers takes comma-separated integers, got {text!r}") from None
-
-
-def _override(text: str) -> tuple[str, object]:
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"--set takes KEY=VALUE (e.g. values.steps=10), got {text!r}")
-    key, value = text.split("=", 1)
-    try:
-        return key.strip(), json.loads(value)
-    except json.JSONDecodeError:  # a bare word such as a corpus name
-        return key.strip(), value
+from flows.commands.common import parse_layers, parse_override
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -31,10 +16,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--limit", type=int, help="edit only the first N facts")
     parser.add_argument("--algo", choices=("rome", "memit", "emmet"), required=True, help="objective to solve")
     parser.add_argument("--batch-size", type=int, default=1, help="facts per edit batch (rome: 1)")
-    parser.add_argument("--layers", type=_layers, help="edit layers, e.g. 4,5,6,7,8 (default: the model's hparams)")
+    parser.add_argument("--layers", type=parse_layers, help="edit layers, e.g. 4,5,6,7,8 (default: the model's hparams)")
     parser.add_argument("--model", help="Hugging Face name, local folder or .gguf file (default: SmolLM2-135M)")
     parser.add_argument("--hparams", help="hyperparameter set name in editing/hparams (default: matched to the model)")
-    parser.add_argument("--set", dest="overrides", type=_override, action="append", default=[], metavar="KEY=VALUE",
+    parser.add_argument("--set", dest="overrides", type=parse_override, action="append", default=[], metavar="KEY=VALUE",
                         help="override a hyperparameter, e.g. --set values.steps=10 --set objective.mom2_update_weight=1000")
     parser.add_argument("--save", type=Path, help="save the edited model (safetensors) to this folder")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")

@@ -11,7 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-from flows.commands.init import DB_HELP
+from flows.commands.common import DB_HELP
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-DB_HELP = "database URL (default: $SEQEDIT_DATABASE_URL, else sqlite:///seqedit.db in the working directory)"
+from flows.commands.common import DB_HELP
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

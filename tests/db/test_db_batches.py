@@ -50,10 +50,44 @@ def test_claims_take_pending_facts_in_id_order(database):
 def test_claims_can_be_restricted_to_a_source(database):
     add_facts(database.engine, 3, source="a")
     add_facts(database.engine, 3, source="b", start=3)
-    run = new_run(database.engine, random_weights(), batch_size=10)
+    run = new_run(database.engine, random_weights(), batch_size=10, fact_source="b")
     with acquire_writer(database.engine, run.id) as writer:
-        batch = writer.claim_batch(source="b")
+        batch = writer.claim_batch()
     assert batch.fact_ids == (4, 5, 6)
+    assert _statuses(database.engine) == {1: "pending", 2: "pending", 3: "pending",
+                                          4: "claimed", 5: "claimed", 6: "claimed"}
+
+
+def test_private_pools_edit_the_same_facts_without_consuming_them(database):
+    add_facts(database.engine, 5, source="study")
+    add_facts(database.engine, 2, source="other", start=5)
+    weights = random_weights()
+    runs = [new_run(database.engine, weights, batch_size=2, fact_pool="private", fact_source="study")
+            for _ in range(2)]
+    shared = new_run(database.engine, weights, batch_size=10, fact_source="study")
+    taken: dict[int, list[tuple[int, ...]]] = {}
+    for run in runs:
+        generator = torch.Generator().manual_seed(run.id)
+        copy = {layer: weight.clone() for layer, weight in weights.items()}
+        with acquire_writer(database.engine, run.id) as writer:
+            taken[run.id] = []
+            while (batch := writer.claim_batch()) is not None:
+                taken[run.id].append(batch.fact_ids)
+                apply_and_commit(writer, batch, copy, generator)
+            # a rollback puts facts back into this run's queue only
+            writer.rollback(1)
+            assert writer.claim_batch().fact_ids == (3, 4)
+    assert taken[runs[0].id] == taken[runs[1].id] == [(1, 2), (3, 4), (5,)]
+    assert set(_statuses(database.engine).values()) == {"pending"}
+    with acquire_writer(database.engine, shared.id) as writer:  # the shared pool still has all of them
+        assert writer.claim_batch().fact_ids == (1, 2, 3, 4, 5)
+
+
+def test_a_private_pool_needs_a_source(database):
+    with pytest.raises(ValueError, match="fact_source"):
+        new_run(database.engine, random_weights(), fact_pool="private")
+    with pytest.raises(ValueError, match="fact_pool"):
+        new_run(database.engine, random_weights(), fact_pool="mine", fact_source="x")
 
 
 def test_a_crashed_batch_is_resumed_with_the_same_facts(database):

@@ -1,0 +1,102 @@
+"""``seqedit run``: a sequential-editing run (Prefect flow ``sequential_edit``), or ``--resume RUN_ID``.
+
+Settings come from ``--config run.yaml`` (the fields of ``flows.settings.RunSettings``) and
+the options below, which win over the file. A resumed run uses the settings it was created with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from flows.commands.common import DB_HELP, parse_layers, parse_override
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """The options that define a new run (shared with ``seqedit serve``)."""
+    group = parser.add_argument_group("run settings (a new run)")
+    group.add_argument("--config", type=Path, help="YAML file of run settings")
+    group.add_argument("--algo", dest="algorithm", choices=("rome", "memit", "emmet"), help="objective (default emmet)")
+    group.add_argument("--model", help="Hugging Face name, local folder or .gguf file (default: SmolLM2-135M)")
+    group.add_argument("--hparams", help="hyperparameter set in editing/hparams (default: matched to the model)")
+    group.add_argument("--layers", type=parse_layers, help="edit layers, e.g. 3,4,5,6,7")
+    group.add_argument("--distribution", choices=("single_layer", "memit_spread"), help="edit distribution")
+    group.add_argument("--set", dest="edit_set", type=parse_override, action="append", default=[],
+                       metavar="KEY=VALUE", help="edit hyperparameter override, e.g. values.steps=10")
+    group.add_argument("--batch-size", type=int, help="facts per batch (default 16)")
+    group.add_argument("--eval-every", type=int, help="evaluate every N batches, 0 never (default 2)")
+    group.add_argument("--checkpoint-every", type=int, help="full layer checkpoint every N batches (default 10)")
+    group.add_argument("--limit", type=int, help="edit at most N facts in total")
+    group.add_argument("--pool", dest="fact_pool", choices=("shared", "private"),
+                       help="shared: edit pending facts once (bulk updates); private: every fact of the source (studies)")
+    group.add_argument("--source", dest="fact_source", help="only facts ingested under this source name")
+    group.add_argument("--eval-profile", dest="evaluation_profile", choices=("quick", "standard", "paper"),
+                       help="evaluation sizes (default standard)")
+    group.add_argument("--eval-set", type=parse_override, action="append", default=[], metavar="KEY=VALUE",
+                       help="evaluation override, e.g. n_downstream=50 or downstream_tasks='[\"sst2\"]'")
+    group.add_argument("--retention-sample", type=int, help="earlier edits re-checked per evaluation (default 64)")
+    group.add_argument("--collapse-policy", choices=("warn", "stop", "rollback"), help="on collapse (default warn)")
+    group.add_argument("--after-rollback", choices=("stop", "continue"), help="after a collapse rollback")
+    group.add_argument("--collapse-rule", action="append", default=[], metavar="METRIC:TEST:THRESHOLD",
+                       help="replace the default rules, e.g. 'acc.*:drop:0.15' 'ppl.*:ratio:2' (tests: drop, "
+                            "ratio, below, above)")
+    group.add_argument("--save-model", help="write the edited model to this folder when the run stops")
+    group.add_argument("--name", help="a name for the run")
+
+
+def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """RunSettings as a dict: the YAML file, then every option given on the command line."""
+    import yaml
+
+    data: dict[str, Any] = (yaml.safe_load(args.config.read_text()) or {}) if args.config else {}
+    for name in ("algorithm", "model", "hparams", "batch_size", "eval_every", "checkpoint_every", "limit",
+                 "fact_pool", "fact_source", "evaluation_profile", "retention_sample", "save_model", "name"):
+        if getattr(args, name) is not None:
+            data[name] = getattr(args, name)
+    edit = dict(data.get("edit_overrides", {}), **dict(args.edit_set))
+    if args.layers is not None:
+        edit["layers"] = list(args.layers)
+        if len(args.layers) == 1 and args.distribution is None:
+            edit["distribution"] = "single_layer"
+    if args.distribution is not None:
+        edit["distribution"] = args.distribution
+    data["edit_overrides"] = edit
+    data["evaluation_overrides"] = dict(data.get("evaluation_overrides", {}), **dict(args.eval_set))
+    collapse = dict(data.get("collapse", {}))
+    if args.collapse_policy:
+        collapse["action"] = args.collapse_policy
+    if args.after_rollback:
+        collapse["after_rollback"] = args.after_rollback
+    if args.collapse_rule:
+        collapse["rules"] = list(args.collapse_rule)
+    data["collapse"] = collapse
+    return data
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("run", help="edit pending facts sequentially, evaluating and checking for collapse",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--db", metavar="URL", help=DB_HELP)
+    parser.add_argument("--resume", type=int, metavar="RUN_ID", help="continue this run from its last committed batch")
+    parser.add_argument("--json", action="store_true", help="print the outcome as JSON")
+    add_run_options(parser)
+    parser.set_defaults(handler=handle)
+
+
+def handle(args: argparse.Namespace) -> int:
+    from flows.pipeline import sequential_edit
+    from flows.settings import RunSettings
+
+    if args.resume is not None:
+        outcome = sequential_edit(run_id=args.resume, db_url=args.db)
+    else:
+        settings = RunSettings.from_dict(settings_from_args(args))  # validate before Prefect starts
+        outcome = sequential_edit(settings=settings.to_dict(), db_url=args.db)
+    if args.json:
+        print(json.dumps(outcome))
+    else:
+        print(f"run {outcome['run_id']} {outcome['status']} at batch {outcome['seq']}; "
+              f"see `seqedit history --run {outcome['run_id']}` and `seqedit report --run {outcome['run_id']}`")
+    return 0

@@ -1,0 +1,49 @@
+"""Models kept loaded for the life of a process, shared by the flow runs that use them.
+
+Loading is cheap for SmolLM2 but not for a 7B model, and a scheduled worker
+runs many flows: the model is loaded once per process and each flow run puts it
+into the state it needs (a run's weights at some batch) from the ledger. The
+first time any layer is about to change, its loaded ("pristine") value is kept,
+so that every run starts from the same original model.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Iterable
+
+import torch
+
+from editing.models import DEFAULT_MODEL, ModelAdapter, load_model
+
+
+class ModelSession:
+    _loaded: ClassVar[dict[str, "ModelSession"]] = {}
+
+    def __init__(self, adapter: ModelAdapter) -> None:
+        self.adapter = adapter
+        self._pristine: dict[int, torch.Tensor] = {}
+
+    @classmethod
+    def get(cls, model: str | None) -> "ModelSession":
+        """The process's session for ``model`` (loaded on first use, on CUDA when available)."""
+        key = model or DEFAULT_MODEL
+        if key not in cls._loaded:
+            cls._loaded[key] = cls(load_model(model))
+        return cls._loaded[key]
+
+    @classmethod
+    def loaded(cls, model: str | None) -> "ModelSession | None":
+        return cls._loaded.get(model or DEFAULT_MODEL)
+
+    def pristine(self, layers: Iterable[int]) -> dict[int, torch.Tensor]:
+        """The layers' weights as loaded; must be asked for before a layer is first edited."""
+        for layer in layers:
+            if layer not in self._pristine:
+                self._pristine[layer] = self.adapter.weight(layer).detach().clone()
+        return {layer: self._pristine[layer] for layer in layers}
+
+    def load_state(self, weights: dict[int, torch.Tensor]) -> None:
+        """Make the model the pristine one except for ``weights`` (e.g. a run's state from the ledger)."""
+        self.pristine(weights)
+        self.adapter.restore({layer: w for layer, w in self._pristine.items() if layer not in weights})
+        self.adapter.restore(weights)

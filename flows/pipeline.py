@@ -1,0 +1,297 @@
+"""Prefect flows: sequential editing, evaluation, rollback and ingestion.
+
+``sequential_edit`` is the product: facts stream from the ledger in batches;
+each batch is claimed, edited into the loaded model, and committed (deltas,
+hashes, statuses, checkpoint) in one database transaction; every
+``eval_every`` batches the model is evaluated, every metric is recorded, and
+the collapse policy is applied. The apply and the commit run inside a Prefect
+transaction whose ``on_rollback`` hook restores the edited layers if the commit
+fails, so the model in memory never runs ahead of the ledger. A crash anywhere
+is recovered by opening the run again (``run_id=``): the weights are rebuilt
+from the ledger and an uncommitted batch is redone with the same facts.
+
+Retries: claiming (atomic, and a retry first looks for the batch it may have
+claimed) and recording are retried; editing is not (it is deterministic, and
+retrying would only repeat the error); evaluation is read-only and retried once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NONE
+from prefect.transactions import Transaction, transaction
+from tqdm.auto import tqdm
+
+from db.engine import make_engine
+from db.evaluations import Metric, record_alarm, record_evaluation
+from db.history import alarms_frame, applied_facts, batch_facts, metrics_frame, pending_count
+from db.ingest import ingest_file
+from db.ledger import ClaimedBatch, RunWriter, acquire_writer
+from db.migrate import require_current
+from db.models import RunStatus
+from db.runs import get_run, set_run_status
+from editing.delta import weight_sha256
+from editing.editor import BatchEdit
+from editing.evaluation import PROBE_PROMPTS, evaluate
+from editing.facts import Fact
+from flows.collapse import Alarm, CollapsePolicy, detect, last_healthy_seq
+from flows.failpoints import failpoint
+from flows.model_session import ModelSession
+from flows.run_state import RunContext, create_run_context, open_run_context
+from flows.settings import RunSettings
+
+log = logging.getLogger(__name__)
+
+NOT_PERSISTED = {"cache_policy": NONE, "persist_result": False}
+"""Tasks pass live objects (the model, the writer); nothing of theirs is cached or persisted."""
+
+SPLITS = {"retention": "retention", "ppl": "perplexity", "acc": "downstream", "chance": "downstream",
+          "norm": "norms", "ge": "generation"}
+
+
+def metric_split(name: str) -> str:
+    """The family a metric belongs to (the ledger's ``split`` column)."""
+    return SPLITS.get(name.split(".", 1)[0], "counterfact")
+
+
+# -- tasks ---------------------------------------------------------------------------------
+@task(name="claim-batch", retries=2, retry_delay_seconds=1, **NOT_PERSISTED)
+def claim_batch(writer: RunWriter, size: int) -> ClaimedBatch | None:
+    """The run's uncommitted batch if there is one (crash or lost reply), else a new claim."""
+    return writer.in_progress_batch() or writer.claim_batch(size)
+
+
+@task(name="apply-edit", **NOT_PERSISTED)
+def apply_edit(context: RunContext, batch: ClaimedBatch) -> BatchEdit:
+    edit = context.editor.apply(list(batch.facts),
+                                on_layer=lambda update: failpoint("during_solve", batch.seq))
+    failpoint("before_commit", batch.seq)
+    return edit
+
+
+@apply_edit.on_rollback
+def _restore_layers(txn: Transaction) -> None:
+    """The commit failed: put the edited layers back as they were before this batch."""
+    txn.get("context").adapter.restore(txn.get("before"))
+
+
+@task(name="commit-batch", retries=2, retry_delay_seconds=2, **NOT_PERSISTED)
+def commit_batch(context: RunContext, writer: RunWriter, batch: ClaimedBatch, edit: BatchEdit,
+                 seconds: dict[str, float]) -> None:
+    checkpoint = context.adapter.snapshot(list(context.run.layers)) if batch.checkpoint_due else None
+    writer.commit_batch(batch, {update.layer: update.delta for update in edit.updates}, edit.weights_sha256,
+                        timings=seconds, checkpoint=checkpoint)
+
+
+@task(name="evaluate-model", retries=1, **NOT_PERSISTED)
+def evaluate_model(context: RunContext, batch_facts: list[Fact]) -> tuple[dict[str, float], dict[str, float]]:
+    config = context.settings.evaluation_config()
+    report = evaluate(context.adapter, config, facts=batch_facts, earlier_facts=context.retention_facts(),
+                      original_weights=context.original, generation_prompts=PROBE_PROMPTS[:config.generation_facts])
+    return report.metrics(), report.seconds
+
+
+@task(name="record-evaluation", retries=2, retry_delay_seconds=2, **NOT_PERSISTED)
+def record_metrics(context: RunContext, seq: int, metrics: dict[str, float], seconds: float) -> int:
+    rows = [Metric(name, value, metric_split(name)) for name, value in sorted(metrics.items())]
+    return record_evaluation(context.engine, context.run.id, seq, rows, duration_s=seconds)
+
+
+# -- the editing loop ----------------------------------------------------------------------
+def _edit_one_batch(context: RunContext, writer: RunWriter, batch: ClaimedBatch) -> BatchEdit:
+    started = time.perf_counter()
+    with transaction() as txn:
+        txn.set("context", context)
+        txn.set("before", context.adapter.snapshot(list(context.run.layers)))
+        edit = apply_edit(context, batch)
+        seconds = {**edit.seconds, "edit": time.perf_counter() - started}
+        commit_started = time.perf_counter()
+        commit_batch(context, writer, batch, edit, seconds)
+    context.seq = batch.seq
+    seconds["commit"] = time.perf_counter() - commit_started
+    failpoint("after_commit", batch.seq)
+    return edit
+
+
+def _baseline(context: RunContext) -> dict[str, float]:
+    """Metrics of the evaluation before the first batch, measured now if the run has none yet."""
+    frame = metrics_frame(context.engine, context.run.id)
+    at_zero = frame[frame["seq"] == 0]
+    if not at_zero.empty:
+        return dict(zip(at_zero["name"], at_zero["value"]))
+    if context.seq != 0:
+        return {}
+    return _evaluate_point(context, 0, [], baseline={}, announce="baseline")[0]
+
+
+def _evaluate_point(context: RunContext, seq: int, batch_facts: list[Fact], baseline: dict[str, float],
+                    announce: str = "evaluation") -> tuple[dict[str, float], list[Alarm]]:
+    started = time.perf_counter()
+    metrics, parts = evaluate_model(context, batch_facts)
+    spent = time.perf_counter() - started
+    evaluation_id = record_metrics(context, seq, metrics, spent)
+    alarms = detect(metrics, baseline, context.settings.collapse.rules) if baseline else []
+    for alarm in alarms:
+        record_alarm(context.engine, context.run.id, seq, rule=alarm.rule.describe(), metric=alarm.metric,
+                     value=alarm.value, baseline=alarm.baseline, threshold=alarm.rule.threshold,
+                     action=context.settings.collapse.action, message=alarm.message, evaluation_id=evaluation_id)
+    print(_summary_line(announce, seq, metrics, alarms, spent), flush=True)
+    create_table_artifact(key=f"run-{context.run.id}-evaluation",
+                          table=[{"metric": name, "value": round(value, 6)} for name, value in sorted(metrics.items())],
+                          description=f"Run {context.run.id}, {announce} after batch {seq}")
+    return metrics, alarms
+
+
+def _summary_line(label: str, seq: int, metrics: dict[str, float], alarms: list[Alarm], seconds: float) -> str:
+    def mean(prefix: str) -> float | None:
+        values = [v for k, v in metrics.items() if k.startswith(prefix)]
+        return sum(values) / len(values) if values else None
+
+    parts = [f"{name.upper()} {metrics[key]:.3f}" for name, key in
+             (("es", "es"), ("ps", "ps"), ("ns", "ns"), ("ret", "retention.es"), ("ge", "ge")) if key in metrics]
+    for label_, prefix in (("ppl", "ppl."), ("acc", "acc."), ("|dW|", "norm.dw.")):
+        value = mean(prefix)
+        if value is not None:
+            parts.append(f"{label_} {value:.3f}")
+    warning = f"  ALARM: {'; '.join(a.message for a in alarms)}" if alarms else ""
+    return f"[{label} @ batch {seq}] " + "  ".join(parts) + f"  ({seconds:.0f}s){warning}"
+
+
+def _apply_policy(context: RunContext, writer: RunWriter, policy: CollapsePolicy, seq: int) -> bool:
+    """Act on alarms at ``seq``; True when the run must stop."""
+    if policy.action == "warn":
+        return False
+    if policy.action == "stop":
+        print(f"collapse detected at batch {seq}: stopping run {context.run.id}", flush=True)
+        return True
+    target = last_healthy_seq(context.engine, context.run.id, up_to=context.seq)
+    weights = writer.rollback(target, restore_facts=False, reason=f"collapse detected at batch {seq}")
+    context.session.load_state(weights)
+    context.seq = target
+    print(f"collapse detected at batch {seq}: rolled run {context.run.id} back to batch {target}", flush=True)
+    return policy.after_rollback == "stop"
+
+
+def _remaining(context: RunContext) -> int | None:
+    limit = context.settings.limit
+    if limit is None:
+        return None
+    return max(0, limit - len(applied_facts(context.engine, context.run.id)))
+
+
+def _edit_loop(context: RunContext, writer: RunWriter) -> str:
+    settings = context.settings
+    baseline = _baseline(context) if settings.eval_every else {}
+    remaining = _remaining(context)
+    planned = pending_count(context.engine, context.run.id)
+    total = planned if remaining is None else min(planned, remaining)
+    evaluated_seq = context.seq
+    with tqdm(total=total, desc=f"run {context.run.id}", unit="fact") as progress:
+        while remaining is None or remaining > 0:
+            size = settings.batch_size if remaining is None else min(settings.batch_size, remaining)
+            batch = claim_batch(writer, size)
+            if batch is None:
+                break
+            edit = _edit_one_batch(context, writer, batch)
+            progress.update(len(batch.facts))
+            progress.set_postfix(batch=batch.seq, v_nll=f"{float(edit.values.final_nll.mean()):.3f}")
+            if remaining is not None:
+                remaining -= len(batch.facts)
+            if settings.eval_every and batch.seq % settings.eval_every == 0:
+                _, alarms = _evaluate_point(context, batch.seq, list(batch.facts), baseline)
+                evaluated_seq = batch.seq
+                if alarms and _apply_policy(context, writer, settings.collapse, batch.seq):
+                    return RunStatus.STOPPED
+    if settings.eval_every and context.seq != evaluated_seq:
+        _evaluate_point(context, context.seq, [], baseline, announce="final evaluation")
+    return RunStatus.COMPLETED
+
+
+def _publish_report(context: RunContext) -> None:
+    from flows.reporting import markdown_summary, metrics_wide
+
+    wide = metrics_wide(context.engine, context.run.id)
+    if not wide.empty:
+        create_table_artifact(key=f"run-{context.run.id}-metrics", table=wide.round(6).to_dict(orient="records"),
+                              description=f"Metrics of run {context.run.id} per evaluated batch")
+    create_markdown_artifact(key=f"run-{context.run.id}-summary", markdown=markdown_summary(context.engine,
+                                                                                              context.run.id))
+
+
+# -- flows ---------------------------------------------------------------------------------
+@flow(name="sequential_edit")
+def sequential_edit(settings: dict[str, Any] | None = None, run_id: int | None = None,
+                    db_url: str | None = None) -> dict[str, Any]:
+    """Create a run from ``settings`` (or resume run ``run_id``) and edit until the facts, the limit
+    or the collapse policy stop it. Returns the run id, its status and the last batch."""
+    engine = make_engine(db_url)
+    require_current(engine)
+    if run_id is None:
+        context = create_run_context(engine, RunSettings.from_dict(settings or {}))
+    else:
+        context = open_run_context(engine, run_id)
+    with acquire_writer(engine, context.run.id) as writer:
+        set_run_status(engine, context.run.id, RunStatus.RUNNING)
+        try:
+            status = _edit_loop(context, writer)
+        except BaseException:
+            set_run_status(engine, context.run.id, RunStatus.FAILED)
+            raise
+        set_run_status(engine, context.run.id, status)
+    if context.settings.save_model:
+        context.adapter.model.save_pretrained(context.settings.save_model)
+        context.adapter.tokenizer.save_pretrained(context.settings.save_model)
+    _publish_report(context)
+    return {"run_id": context.run.id, "status": str(status), "seq": context.seq,
+            "weights_sha256": context.adapter.weights_sha256(list(context.run.layers))}
+
+
+@flow(name="evaluate")
+def evaluate_run(run_id: int, seq: int | None = None, db_url: str | None = None) -> dict[str, float]:
+    """Evaluate run ``run_id`` at batch ``seq`` (default: its last), restoring that point first;
+    the metrics are recorded in the ledger at that batch."""
+    engine = make_engine(db_url)
+    require_current(engine)
+    context = open_run_context(engine, run_id, at_seq=seq)
+    facts = batch_facts(engine, run_id, context.seq) if context.seq else []
+    baseline = _baseline(context) if context.seq else {}
+    metrics, _ = _evaluate_point(context, context.seq, facts, baseline, announce="evaluation")
+    return metrics
+
+
+@flow(name="rollback")
+def rollback_run(run_id: int, to_seq: int, restore_facts: bool = True, db_url: str | None = None) -> dict[str, Any]:
+    """Restore run ``run_id`` to batch ``to_seq``: later batches are marked rolled back (kept), their
+    facts return to the queue (or stay out, ``restore_facts=False``), and a model this process holds
+    is put into the restored state."""
+    engine = make_engine(db_url)
+    require_current(engine)
+    with acquire_writer(engine, run_id) as writer:
+        weights = writer.rollback(to_seq, restore_facts=restore_facts, reason="requested")
+    run = get_run(engine, run_id)
+    session = ModelSession.loaded(RunSettings.from_dict(run.spec.hyperparameters["settings"]).model)
+    if session is not None:
+        session.load_state(weights)
+    hashes = {layer: weight_sha256(weight) for layer, weight in weights.items()}
+    print(f"run {run_id} rolled back to batch {to_seq}; layer hashes verified", flush=True)
+    return {"run_id": run_id, "seq": to_seq, "weights_sha256": hashes}
+
+
+@task(name="ingest-file", retries=0, **NOT_PERSISTED)
+def _ingest(engine, path: str, source: str | None):
+    return ingest_file(engine, path, source=source)
+
+
+@flow(name="ingest")
+def ingest_facts(path: str, source: str | None = None, db_url: str | None = None) -> dict[str, Any]:
+    """Validate and store the facts of a file (see ``db.ingest``); the summary becomes an artifact."""
+    engine = make_engine(db_url)
+    require_current(engine)
+    summary = _ingest(engine, path, source)
+    create_markdown_artifact(key="ingest-summary", markdown=f"```\n{summary.render()}\n```")
+    return summary.to_dict()

@@ -1,0 +1,99 @@
+"""Run settings as data: one dataclass describes a sequential-editing run.
+
+A run's settings are stored with the run in the ledger (``runs.hyperparameters``),
+so resuming, re-evaluating or serving a run needs nothing but its id. They can
+be written as YAML (``seqedit run --config run.yaml``) and overridden from the
+command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from editing.evaluation import EvaluationConfig
+from flows.collapse import CollapsePolicy
+
+EVALUATION_PROFILES: dict[str, dict[str, Any]] = {
+    "quick": {"n_texts": 12, "max_text_tokens": 128, "n_downstream": 16, "downstream_tasks": ["sst2", "cola"],
+              "perplexity_corpora": ["wikitext-2-test", "me-ppl-50"], "generation_facts": 2, "max_new_tokens": 40},
+    "standard": {"n_texts": 40, "n_downstream": 60, "generation_facts": 5, "max_new_tokens": 60},
+    "paper": {"n_texts": 100, "n_downstream": 200, "generation_facts": 10, "max_new_tokens": 100},
+}
+"""Evaluation sizes: ``quick`` for tests and the demo (seconds on a CPU), ``standard`` for CPU studies,
+``paper`` for the collapse paper's protocol (~200 examples per task) on a GPU."""
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Everything a sequential-editing run is asked to do."""
+
+    algorithm: str = "emmet"
+    model: str | None = None
+    """Hugging Face name, local folder or GGUF file; None is the embedded SmolLM2-135M."""
+    hparams: str | None = None
+    """Hyperparameter set (``editing/hparams/<name>.yaml``); matched to the model when None."""
+    edit_overrides: dict[str, Any] = field(default_factory=dict)
+    """Dotted overrides of the edit configuration (``layers``, ``distribution``, ``values.steps`` ...)."""
+    batch_size: int = 16
+    eval_every: int = 2
+    """Evaluate after every ``eval_every``-th batch (and before the first); 0 disables evaluation."""
+    checkpoint_every: int = 10
+    limit: int | None = None
+    """Most facts the run edits in total (across resumes); None edits all it can claim."""
+    fact_pool: str = "shared"
+    """``shared``: each pending fact is edited once by whichever run claims it (bulk updates);
+    ``private``: the run edits every fact of its source, whatever other runs did (studies)."""
+    fact_source: str | None = None
+    evaluation_profile: str = "standard"
+    evaluation_overrides: dict[str, Any] = field(default_factory=dict)
+    retention_sample: int | None = 64
+    """Earlier edits re-checked at each evaluation: a fixed, seeded sample of this many (None: all)."""
+    collapse: CollapsePolicy = field(default_factory=CollapsePolicy)
+    save_model: str | None = None
+    """Folder where the edited model is written (safetensors) when the run stops."""
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.algorithm == "rome" and self.batch_size != 1:
+            raise ValueError(f"rome edits one fact per batch; got batch_size {self.batch_size}")
+        if self.eval_every < 0 or self.checkpoint_every < 1:
+            raise ValueError("eval_every must be >= 0 and checkpoint_every >= 1")
+        if self.fact_pool not in ("shared", "private"):
+            raise ValueError(f"fact_pool must be 'shared' or 'private', got {self.fact_pool!r}")
+        if self.fact_pool == "private" and not self.fact_source:
+            raise ValueError("fact_pool 'private' needs fact_source: the source whose facts the run edits")
+        if self.evaluation_profile not in EVALUATION_PROFILES:
+            raise ValueError(f"unknown evaluation profile {self.evaluation_profile!r}; "
+                             f"known: {sorted(EVALUATION_PROFILES)}")
+        self.evaluation_config()  # validates the overrides
+
+    def evaluation_config(self) -> EvaluationConfig:
+        return EvaluationConfig(**{**EVALUATION_PROFILES[self.evaluation_profile], **self.evaluation_overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["collapse"] = self.collapse.to_dict()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "RunSettings":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown run setting(s) {sorted(unknown)}; known: {sorted(known)}")
+        values = dict(data)
+        if "collapse" in values and not isinstance(values["collapse"], CollapsePolicy):
+            values["collapse"] = CollapsePolicy.from_dict(values["collapse"])
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, path: Path, overrides: Mapping[str, Any] | None = None) -> "RunSettings":
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        return cls.from_dict({**data, **(overrides or {})})

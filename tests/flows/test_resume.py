@@ -1,0 +1,110 @@
+"""Kill -9 a worker mid-batch, resume it, and get exactly the weights an uninterrupted run gets.
+
+The worker is a real ``seqedit run`` process. It is killed with SIGKILL from
+outside while batch 2's v* optimisation runs, or kills itself at a named point
+(``SEQEDIT_FAILPOINT``): during the solve (some layers written, others not),
+after every weight is written but before the ledger commit, and right after the
+commit. ``seqedit run --resume`` must then finish the run with the per-batch
+hashes of an uninterrupted run of the same facts (both runs use private pools
+of the same source, so they edit the same facts), with no batch row lost or
+doubled.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from sqlalchemy import select
+
+from db.engine import make_engine
+from db.history import batches_frame, runs_frame
+from db.migrate import upgrade
+from db.models import BatchRecord, BatchStatus, WeightDelta
+from flows.pipeline import sequential_edit
+from fixtures.runs import fast_settings, ingest_counterfact
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+KILLED_SETTINGS = {"fact_pool": "private", "limit": 24, "eval_every": 0}
+
+
+def _hashes(engine, run_id: int) -> dict[tuple[int, int], str]:
+    """(seq, layer) → sha256 after, over the run's applied batches."""
+    with engine.connect() as connection:
+        rows = connection.execute(select(BatchRecord.seq, WeightDelta.layer, WeightDelta.sha256_after)
+                                  .join(WeightDelta, WeightDelta.batch_id == BatchRecord.id)
+                                  .where(BatchRecord.run_id == run_id, BatchRecord.status == BatchStatus.APPLIED))
+        return {(seq, layer): sha for seq, layer, sha in rows}
+
+
+@pytest.fixture(scope="module")
+def ledger(tmp_path_factory: pytest.TempPathFactory, prefect_server: str):
+    """A ledger with CounterFact ingested and the reference (uninterrupted) run's hashes."""
+    path = tmp_path_factory.mktemp("resume") / "ledger.db"
+    url = f"sqlite:///{path}"
+    upgrade(url)
+    engine = make_engine(url)
+    ingest_counterfact(engine)
+    reference = sequential_edit(settings=fast_settings(**KILLED_SETTINGS).to_dict(), db_url=url)
+    return url, engine, _hashes(engine, reference["run_id"])
+
+
+def _start_worker(url: str, config: Path, api_url: str, failpoint: str | None) -> subprocess.Popen:
+    env = dict(os.environ, PREFECT_API_URL=api_url)
+    env.pop("SEQEDIT_FAILPOINT", None)
+    if failpoint:
+        env["SEQEDIT_FAILPOINT"] = failpoint
+    return subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "--db", url, "--config", str(config)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_claim(engine, seq: int, worker: subprocess.Popen, timeout_s: float = 300) -> None:
+    """Until the worker's run has batch ``seq`` in progress (the v* optimisation starts right after)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with engine.connect() as connection:
+            found = connection.execute(select(BatchRecord.id).where(
+                BatchRecord.seq == seq, BatchRecord.status == BatchStatus.IN_PROGRESS)).first()
+        if found:
+            return
+        if worker.poll() is not None:
+            pytest.fail(f"the worker exited ({worker.returncode}) before claiming batch {seq}:\n"
+                        f"{worker.stdout.read()}")
+        time.sleep(0.05)
+    pytest.fail(f"batch {seq} was not claimed within {timeout_s} s")
+
+
+@pytest.mark.parametrize("kill", ["sigkill-during-values", "during_solve:2", "before_commit:2", "after_commit:1"])
+def test_a_killed_run_resumes_to_the_same_weights(ledger, tmp_path: Path, prefect_server: str, kill: str):
+    url, engine, reference = ledger
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(fast_settings(**KILLED_SETTINGS).to_dict()))
+    worker = _start_worker(url, config, prefect_server, None if kill.startswith("sigkill") else kill)
+    if kill.startswith("sigkill"):
+        _wait_for_claim(engine, 2, worker)
+        time.sleep(0.5)
+        worker.send_signal(signal.SIGKILL)
+    output, _ = worker.communicate(timeout=600)
+    assert worker.returncode == -signal.SIGKILL, output
+    run_id = int(runs_frame(engine)["run_id"].max())
+
+    interrupted = batches_frame(engine, run_id)
+    if kill == "after_commit:1":
+        assert list(interrupted["status"]) == ["applied"]
+    else:
+        assert list(interrupted["status"]) == ["applied", "in_progress"]  # killed inside batch 2
+
+    outcome = sequential_edit(run_id=run_id, db_url=url)
+    assert (outcome["status"], outcome["seq"]) == ("completed", 3)
+    batches = batches_frame(engine, run_id)
+    assert list(batches["seq"]) == [1, 2, 3] and set(batches["status"]) == {"applied"}  # redone, not doubled
+    assert list(batches["batch_id"][:len(interrupted)]) == list(interrupted["batch_id"])  # a crashed batch is finished
+    assert _hashes(engine, run_id) == reference
+
