@@ -207,8 +207,9 @@ def _edit_loop(context: RunContext, writer: RunWriter) -> str:
                 evaluated_seq = batch.seq
                 if alarms and _apply_policy(context, writer, settings.collapse, batch.seq):
                     return RunStatus.STOPPED
-    if settings.eval_every and context.seq != evaluated_seq:
-        _evaluate_point(context, context.seq, [], baseline, announce="final evaluation")
+    if settings.eval_every and context.seq != evaluated_seq:  # the last batch fell between two evaluation points
+        last_batch = batch_facts(context.engine, context.run.id, context.seq)
+        _evaluate_point(context, context.seq, last_batch, baseline, announce="final evaluation")
     return RunStatus.COMPLETED
 
 

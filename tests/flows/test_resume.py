@@ -24,7 +24,7 @@ import yaml
 from sqlalchemy import select
 
 from db.engine import make_engine
-from db.history import batches_frame, runs_frame
+from db.history import batches_frame, metrics_frame, runs_frame
 from db.migrate import upgrade
 from db.models import BatchRecord, BatchStatus, WeightDelta
 from flows.pipeline import sequential_edit
@@ -46,14 +46,27 @@ def _hashes(engine, run_id: int) -> dict[tuple[int, int], str]:
 
 @pytest.fixture(scope="module")
 def ledger(tmp_path_factory: pytest.TempPathFactory, prefect_server: str):
-    """A ledger with CounterFact ingested and the reference (uninterrupted) run's hashes."""
+    """A ledger with CounterFact ingested and the reference (uninterrupted) run's id and hashes.
+
+    The reference run is evaluated every 2 batches (evaluation does not touch the weights), so
+    its third and last batch gets the final evaluation.
+    """
     path = tmp_path_factory.mktemp("resume") / "ledger.db"
     url = f"sqlite:///{path}"
     upgrade(url)
     engine = make_engine(url)
     ingest_counterfact(engine)
-    reference = sequential_edit(settings=fast_settings(**KILLED_SETTINGS).to_dict(), db_url=url)
-    return url, engine, _hashes(engine, reference["run_id"])
+    reference = sequential_edit(settings=fast_settings(**{**KILLED_SETTINGS, "eval_every": 2}).to_dict(), db_url=url)
+    return url, engine, reference["run_id"], _hashes(engine, reference["run_id"])
+
+
+def test_a_last_batch_between_evaluation_points_is_scored_by_the_final_evaluation(ledger):
+    _, engine, run_id, _ = ledger
+    metrics = metrics_frame(engine, run_id)
+    assert sorted(metrics["seq"].unique()) == [0, 2, 3]
+    final = metrics[metrics["seq"] == 3].set_index("name")["value"]
+    assert {"es", "ps", "ns", "retention.es", "ge"} <= set(final.index)
+    assert final["es"] >= 0.5  # batch 3's eight facts, mostly edited (6 v* steps)
 
 
 def _start_worker(url: str, config: Path, api_url: str, failpoint: str | None) -> subprocess.Popen:
@@ -83,7 +96,7 @@ def _wait_for_claim(engine, seq: int, worker: subprocess.Popen, timeout_s: float
 
 @pytest.mark.parametrize("kill", ["sigkill-during-values", "during_solve:2", "before_commit:2", "after_commit:1"])
 def test_a_killed_run_resumes_to_the_same_weights(ledger, tmp_path: Path, prefect_server: str, kill: str):
-    url, engine, reference = ledger
+    url, engine, _, reference = ledger
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(fast_settings(**KILLED_SETTINGS).to_dict()))
     worker = _start_worker(url, config, prefect_server, None if kill.startswith("sigkill") else kill)
