@@ -1,13 +1,16 @@
 """Hyperparameter sweep: ES/PS/NS/S after one batch edit, for several configurations.
 
 Each configuration is a set of dotted overrides of the model's YAML section for
-the algorithm; the model is restored between configurations. Configurations
-that share the last edit layer and the v* settings reuse one v* optimisation,
-so sweeping objectives or λ costs little beyond the first.
+the algorithm (``"algorithm"`` itself may be overridden per configuration); the
+model is restored between configurations. Configurations that share the last
+edit layer and the v* settings reuse one v* optimisation, so comparing
+objectives or sweeping λ costs little beyond the first — and the comparison is
+of the objectives alone, on identical target values.
 
     python bench/sweep.py --algo emmet --facts 16 \\
         --config '{"layers": [4]}' --config '{"layers": [6]}' \\
         --config '{"layers": [3,4,5,6,7], "objective.mom2_update_weight": 5000}'
+    python bench/sweep.py --facts 128 --config '{"algorithm": "emmet"}' --config '{"algorithm": "memit"}'
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ def main() -> int:
     parser.add_argument("--offset", type=int, default=0, help="first CounterFact record used")
     parser.add_argument("--model", default=None)
     parser.add_argument("--config", action="append", default=[], help="JSON object of dotted overrides")
+    parser.add_argument("--json", action="store_true", help="finish with one JSON object of all tables")
     args = parser.parse_args()
 
     adapter = load_model(args.model)
@@ -44,12 +48,13 @@ def main() -> int:
     records = json.loads(COUNTERFACT.read_text())[args.offset:args.offset + args.facts]
     facts = [fact_from_record(record) for record in records]
     pre = counterfact_metrics(adapter, facts).metrics()
-    print(f"pre: ES {pre['es']:.3f} PS {pre['ps']:.3f} NS {pre['ns']:.3f} S {pre['s']:.3f}  ({len(facts)} facts)",
-          flush=True)
+    print(f"{'pre':70s} {table_row(pre)}  ({len(facts)} facts)", flush=True)
+    results: list[dict[str, object]] = []
     prefix_cache: dict[tuple[int, int], tuple[str, ...]] = {}
     value_cache: dict[str, ValueTargets] = {}
     for overrides in [json.loads(text) for text in args.config] or [{}]:
-        config: EditConfig = load_edit_config(key, args.algo, overrides)
+        algorithm = overrides.get("algorithm", args.algo)
+        config: EditConfig = load_edit_config(key, algorithm, {k: v for k, v in overrides.items() if k != "algorithm"})
         layers = get_distribution(config.distribution).edit_layers(config.layers)
         original = adapter.snapshot(list(layers))
         started = time.perf_counter()
@@ -61,17 +66,28 @@ def main() -> int:
         value_key = json.dumps([layers[-1], config.to_dict()["values"]])
         if value_key not in value_cache:
             value_cache[value_key] = compute_value_targets(adapter, facts, layers[-1], prefixes, config.values)
+        values_seconds = time.perf_counter() - started
         values = value_cache[value_key]
         rows = build_rewrite_rows(adapter, facts, prefixes, with_targets=False)
         updates = distribute(adapter, rows, len(facts), values.z, layers, get_distribution(config.distribution),
                              config.algorithm, {l: moments[l].to(adapter.device) for l in layers}, config.objective)
+        solve_seconds = time.perf_counter() - started - values_seconds
         post = counterfact_metrics(adapter, facts).metrics()
         norms = [round(float((u.delta.u @ u.delta.v.T).norm()), 2) for u in updates]
         adapter.restore(original)
-        print(f"{json.dumps(overrides):70s} ES {post['es']:.3f} PS {post['ps']:.3f} NS {post['ns']:.3f} "
-              f"S {post['s']:.3f}  EM {post['em']:.3f}  v*NLL {float(values.final_nll.mean()):.3f}  "
+        print(f"{json.dumps(overrides):70s} {table_row(post)}  v*NLL {float(values.final_nll.mean()):.3f}  "
               f"|ΔW| {norms}  {time.perf_counter() - started:.0f}s", flush=True)
+        results.append({"overrides": overrides, "config": config.to_dict(), "post": post, "delta_norms": norms,
+                        "seconds": {"stats_and_keys_values": values_seconds, "distribute_and_solve": solve_seconds}})
+    if args.json:
+        print(json.dumps({"n_facts": len(facts), "offset": args.offset, "pre": pre, "results": results}))
     return 0
+
+
+def table_row(metrics: dict[str, float]) -> str:
+    """The CounterFact table's columns in MATH.md's order."""
+    return "  ".join(f"{name.upper()} {metrics.get(name, float('nan')):.3f}"
+                     for name in ("es", "ps", "ns", "em", "pm", "nm", "s"))
 
 
 if __name__ == "__main__":
