@@ -184,6 +184,11 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=21_919, help="records in the synthetic CounterFact file")
     parser.add_argument("--batches", type=int, default=200, help="history length for the restore timings")
     args = parser.parse_args()
+    # The claim run and the two restore runs each consume their batches' facts from the shared pool.
+    needed = (CLAIMS + 2 * args.batches) * 10
+    if args.records < needed:
+        parser.error(f"--records {args.records} is too few for {CLAIMS} claims and 2 × --batches {args.batches} "
+                     f"batches of 10 facts: need at least {needed}")
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as folder:
         source = Path(folder) / "counterfact-synthetic.json"
