@@ -20,16 +20,17 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 
 import torch
 
 from editing.config import hparams_key_for, load_edit_config
-from editing.editor import BatchEdit, Editor
+from editing.editor import Editor
 from editing.facts import fact_from_record
 from editing.keys_values import compute_value_targets
 from editing.models import load_model
 
+T = TypeVar("T")
 COUNTERFACT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "counterfact" / "counterfact-1000.json"
 
 
@@ -66,14 +67,15 @@ class PeakMemory:
             self._thread.join()
 
 
-def timed(device: torch.device, work: Callable[[], object]) -> tuple[float, int]:
+def timed(device: torch.device, work: Callable[[], T]) -> tuple[T, float, int]:
+    """``work``'s result, its wall time and the peak memory while it ran."""
     with PeakMemory(device) as memory:
         started = time.perf_counter()
-        work()
+        result = work()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - started
-    return seconds, memory.peak_bytes
+    return result, seconds, memory.peak_bytes
 
 
 def main() -> int:
@@ -94,15 +96,14 @@ def main() -> int:
     device = adapter.device
     # The per-fact loop's rate does not depend on B: measure it once, on the first facts.
     loop_facts = [fact_from_record(r) for r in records[: args.loop_facts]]
-    loop_seconds, loop_peak = timed(device, lambda: [compute_value_targets(
+    _, loop_seconds, loop_peak = timed(device, lambda: [compute_value_targets(
         adapter, [fact], editor.layers[-1], editor.prefixes, config.values) for fact in loop_facts])
     rows = []
     for size in (int(s) for s in args.sizes.split(",")):
         facts = [fact_from_record(r) for r in records[:size]]
         adapter.restore(original)
-        edits: list[BatchEdit] = []
-        batch_seconds, batch_peak = timed(device, lambda: edits.append(editor.apply(facts)))
-        v_star_seconds = edits[0].seconds["v_star"]
+        edit, batch_seconds, batch_peak = timed(device, lambda: editor.apply(facts))
+        v_star_seconds = edit.seconds["v_star"]
         row = {
             "batch_size": size,
             "facts_per_s_edit": size / batch_seconds,
@@ -110,7 +111,7 @@ def main() -> int:
             "v_star_facts_per_s_loop": len(loop_facts) / loop_seconds,
             "speedup_v_star": (size / v_star_seconds) / (len(loop_facts) / loop_seconds),
             "seconds_edit": batch_seconds,
-            "seconds_solve": edits[0].seconds["solve"],
+            "seconds_solve": edit.seconds["solve"],
             "peak_mib_batched_edit": batch_peak / 2**20,
             "peak_mib_loop": loop_peak / 2**20,
         }

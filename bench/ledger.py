@@ -46,6 +46,7 @@ DEFAULT_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 LAYER_SHAPE = (576, 1536)
 LAYERS = (3, 4, 5)
 RANK = 10
+BATCH_SIZE = 10
 CLAIMS = 200
 RESTORE_POINTS = (1, 9, 49, 99, 199)
 """With a checkpoint every 10 batches these are worst cases: 9 deltas to replay (1 for n = 1)."""
@@ -117,7 +118,7 @@ def edit_batches(engine, run_id: int, weights: dict[int, torch.Tensor], count: i
 
 def new_run(engine, checkpoint_every: int, generator: torch.Generator) -> tuple[int, dict[int, torch.Tensor]]:
     weights = {layer: torch.randn(LAYER_SHAPE, generator=generator) for layer in LAYERS}
-    spec = RunSpec(model_name="bench", algorithm="memit", distribution="memit_spread", batch_size=10,
+    spec = RunSpec(model_name="bench", algorithm="memit", distribution="memit_spread", batch_size=BATCH_SIZE,
                    checkpoint_every=checkpoint_every)
     return create_run(engine, spec, weights).id, weights
 
@@ -162,7 +163,7 @@ def report(results: dict[str, dict], records: int, batches: int) -> None:
         first, again = result["ingest"]
         print(f"{backend:<11} first {records / first:8.0f} facts/s ({first:5.1f} s)   "
               f"re-ingest {records / again:8.0f} records/s ({again:5.1f} s, nothing stored)")
-    print(f"\n== batch claim / commit latency: {CLAIMS} batches of 10 facts, pool of {records} ==")
+    print(f"\n== batch claim / commit latency: {CLAIMS} batches of {BATCH_SIZE} facts, pool of {records} ==")
     for backend, result in results.items():
         print(f"{backend:<11} claim  {milliseconds(result['claims'])}")
         print(f"{'':<11} commit {milliseconds(result['commits'])}  (3 layers, rank {RANK}, no checkpoint)")
@@ -185,10 +186,10 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=200, help="history length for the restore timings")
     args = parser.parse_args()
     # The claim run and the two restore runs each consume their batches' facts from the shared pool.
-    needed = (CLAIMS + 2 * args.batches) * 10
+    needed = (CLAIMS + 2 * args.batches) * BATCH_SIZE
     if args.records < needed:
         parser.error(f"--records {args.records} is too few for {CLAIMS} claims and 2 × --batches {args.batches} "
-                     f"batches of 10 facts: need at least {needed}")
+                     f"batches of {BATCH_SIZE} facts: need at least {needed}")
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as folder:
         source = Path(folder) / "counterfact-synthetic.json"

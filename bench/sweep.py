@@ -29,6 +29,7 @@ from editing.keys_values import ValueTargets, build_rewrite_rows, compute_value_
 from editing.models import load_model
 from editing.prefixes import generate_prefixes
 from editing.stats import second_moments
+from flows.one_shot import METRIC_KEYS
 
 COUNTERFACT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "counterfact" / "counterfact-1000.json"
 
@@ -78,16 +79,15 @@ def main() -> int:
         print(f"{json.dumps(overrides):70s} {table_row(post)}  v*NLL {float(values.final_nll.mean()):.3f}  "
               f"|ΔW| {norms}  {time.perf_counter() - started:.0f}s", flush=True)
         results.append({"overrides": overrides, "config": config.to_dict(), "post": post, "delta_norms": norms,
-                        "seconds": {"stats_and_keys_values": values_seconds, "distribute_and_solve": solve_seconds}})
+                        "seconds": {"stats_and_v_star": values_seconds, "keys_and_solve": solve_seconds}})
     if args.json:
         print(json.dumps({"n_facts": len(facts), "offset": args.offset, "pre": pre, "results": results}))
     return 0
 
 
 def table_row(metrics: dict[str, float]) -> str:
-    """The CounterFact table's columns in MATH.md's order."""
-    return "  ".join(f"{name.upper()} {metrics.get(name, float('nan')):.3f}"
-                     for name in ("es", "ps", "ns", "em", "pm", "nm", "s"))
+    """The CounterFact table's columns, as ``seqedit edit --json`` reports them."""
+    return "  ".join(f"{name} {metrics.get(name.lower(), float('nan')):.3f}" for name in METRIC_KEYS)
 
 
 if __name__ == "__main__":
