@@ -11,6 +11,10 @@ of the objectives alone, on identical target values.
         --config '{"layers": [4]}' --config '{"layers": [6]}' \\
         --config '{"layers": [3,4,5,6,7], "objective.mom2_update_weight": 5000}'
     python bench/sweep.py --facts 128 --config '{"algorithm": "emmet"}' --config '{"algorithm": "memit"}'
+    python bench/sweep.py --data ../shared/data/counterfact/counterfact-easyedit-train.json --facts 64 \
+        --algo memit --config '{"objective.mom2_update_weight": 2000}' --config '{"objective.mom2_update_weight": 5000}'
+
+Each row also gives the memorization each layer achieved (``1 − ‖Ŵ K_E − V_E‖ / ‖R‖``).
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--algo", default="emmet", choices=("rome", "memit", "emmet"))
     parser.add_argument("--facts", type=int, default=16)
-    parser.add_argument("--offset", type=int, default=0, help="first CounterFact record used")
+    parser.add_argument("--data", type=Path, default=COUNTERFACT, help="CounterFact JSON (full or EasyEdit schema)")
+    parser.add_argument("--offset", type=int, default=0, help="first record used")
     parser.add_argument("--model", default=None)
     parser.add_argument("--config", action="append", default=[], help="JSON object of dotted overrides")
     parser.add_argument("--json", action="store_true", help="finish with one JSON object of all tables")
@@ -46,8 +51,8 @@ def main() -> int:
 
     adapter = load_model(args.model)
     key = hparams_key_for(adapter.name)
-    records = json.loads(COUNTERFACT.read_text())[args.offset:args.offset + args.facts]
-    facts = [fact_from_record(record) for record in records]
+    records = json.loads(args.data.read_text())[args.offset:args.offset + args.facts]
+    facts = [fact_from_record(record, args.offset + index) for index, record in enumerate(records)]
     pre = counterfact_metrics(adapter, facts).metrics()
     print(f"{'pre':70s} {table_row(pre)}  ({len(facts)} facts)", flush=True)
     results: list[dict[str, object]] = []
@@ -75,13 +80,16 @@ def main() -> int:
         solve_seconds = time.perf_counter() - started - values_seconds
         post = counterfact_metrics(adapter, facts).metrics()
         norms = [round(float((u.delta.u @ u.delta.v.T).norm()), 2) for u in updates]
+        memorization = [round(u.memorization, 3) for u in updates]
         adapter.restore(original)
         print(f"{json.dumps(overrides):70s} {table_row(post)}  v*NLL {float(values.final_nll.mean()):.3f}  "
-              f"|ΔW| {norms}  {time.perf_counter() - started:.0f}s", flush=True)
+              f"|ΔW| {norms}  mem {memorization}  {time.perf_counter() - started:.0f}s", flush=True)
         results.append({"overrides": overrides, "config": config.to_dict(), "post": post, "delta_norms": norms,
+                        "memorization": memorization,
                         "seconds": {"stats_and_v_star": values_seconds, "keys_and_solve": solve_seconds}})
     if args.json:
-        print(json.dumps({"n_facts": len(facts), "offset": args.offset, "pre": pre, "results": results}))
+        print(json.dumps({"data": str(args.data), "n_facts": len(facts), "offset": args.offset, "pre": pre,
+                          "results": results}))
     return 0
 
 

@@ -19,6 +19,8 @@ from editing.facts import Fact
 
 TIMING_PREFIX = "seconds_"
 """``batches_frame`` spreads each batch's timings over columns ``seconds_<phase>``."""
+MEMORIZATION_PREFIX = "memorization_"
+"""... and the memorization its edit achieved over columns ``memorization_<layer>``."""
 
 
 def _frame(engine: Engine, query: Select) -> pd.DataFrame:
@@ -59,17 +61,20 @@ def facts_frame(engine: Engine, source: str | None = None, status: str | None = 
 
 
 def batches_frame(engine: Engine, run_id: int) -> pd.DataFrame:
-    """Every batch of a run, rolled back and failed ones included, in claim order, with timings."""
+    """Every batch of a run, rolled back and failed ones included, in claim order, with timings and
+    the memorization per layer (batches recorded before ledgers kept it have none)."""
     query = (select(BatchRecord.id.label("batch_id"), BatchRecord.seq, BatchRecord.status, BatchRecord.n_facts,
                     BatchRecord.claimed_at, BatchRecord.finished_at, BatchRecord.error,
                     RollbackRecord.created_at.label("rolled_back_at"), RollbackRecord.to_seq.label("rolled_back_to"),
-                    BatchRecord.timings)
+                    BatchRecord.timings, BatchRecord.diagnostics)
              .outerjoin(RollbackRecord, BatchRecord.rollback_id == RollbackRecord.id)
              .where(BatchRecord.run_id == run_id).order_by(BatchRecord.id))
     frame = _frame(engine, query)
     frame["duration_s"] = (frame["finished_at"] - frame["claimed_at"]).dt.total_seconds()
     timings = pd.DataFrame([row or {} for row in frame.pop("timings")], index=frame.index)
-    return frame.join(timings.add_prefix(TIMING_PREFIX))
+    memorization = pd.DataFrame([(row or {}).get("memorization", {}) for row in frame.pop("diagnostics")],
+                                index=frame.index)
+    return frame.join(timings.add_prefix(TIMING_PREFIX)).join(memorization.add_prefix(MEMORIZATION_PREFIX))
 
 
 def metrics_frame(engine: Engine, run_id: int, include_rolled_back: bool = False) -> pd.DataFrame:
@@ -138,12 +143,15 @@ def edits_for_subject(engine: Engine, subject: str) -> pd.DataFrame:
     return _frame(engine, query)
 
 
-def applied_facts(engine: Engine, run_id: int) -> list[tuple[int, Fact]]:
-    """(fact id, fact) of every fact in the run's current history (applied batches), in edit order."""
+def applied_facts(engine: Engine, run_id: int, before_seq: int | None = None) -> list[tuple[int, Fact]]:
+    """(fact id, fact) of every fact in the run's current history (applied batches), in edit order;
+    with ``before_seq``, only those of batches ``1 .. before_seq − 1`` (the edits made before that batch)."""
     query = (select(FactRecord).join(BatchFact, BatchFact.fact_id == FactRecord.id)
              .join(BatchRecord, BatchFact.batch_id == BatchRecord.id)
              .where(BatchRecord.run_id == run_id, BatchRecord.status == BatchStatus.APPLIED)
              .order_by(BatchRecord.seq, BatchFact.position))
+    if before_seq is not None:
+        query = query.where(BatchRecord.seq < before_seq)
     with Session(engine) as session:
         return [(row.id, row.to_fact()) for row in session.scalars(query)]
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 from sqlalchemy import ColumnElement, Engine, and_, insert, select, update
@@ -157,7 +157,8 @@ class RunWriter:
 
     def commit_batch(self, batch: ClaimedBatch, deltas: Mapping[int, LowRankDelta], layer_sha256: Mapping[int, str],
                      timings: Mapping[str, float] | None = None,
-                     checkpoint: Mapping[int, torch.Tensor] | None = None) -> None:
+                     checkpoint: Mapping[int, torch.Tensor] | None = None,
+                     diagnostics: Mapping[str, Any] | None = None) -> None:
         """Record ``batch`` as applied, in one transaction.
 
         ``deltas`` and ``layer_sha256`` (the :func:`weight_sha256` of each layer
@@ -165,6 +166,7 @@ class RunWriter:
         ``checkpoint``, the weights of *every* edited layer after the batch, is
         required when ``batch.checkpoint_due`` and allowed at any batch; it is
         verified against the hashes the ledger implies before it is stored.
+        ``diagnostics`` (JSON) records what the edit achieved, e.g. the memorization per layer.
         """
         self._check_batch(batch)
         if set(deltas) != set(layer_sha256):
@@ -182,7 +184,8 @@ class RunWriter:
         snapshot = {layer: (weight_to_bytes(weight), weight_sha256(weight))
                     for layer, weight in (checkpoint or {}).items()}
         with transaction(self.engine, write=True) as session:
-            self._finish(session, batch, BatchStatus.APPLIED, timings=dict(timings) if timings else None)
+            self._finish(session, batch, BatchStatus.APPLIED, timings=dict(timings) if timings else None,
+                         diagnostics=dict(diagnostics) if diagnostics else None)
             if delta_rows:
                 session.execute(insert(WeightDelta), delta_rows)
             if not self.private:

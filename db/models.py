@@ -251,6 +251,8 @@ class BatchRecord(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     timings: Mapped[dict[str, float] | None] = mapped_column(JSON)
     """Seconds per phase, as measured by the flow."""
+    diagnostics: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    """What the edit achieved: ``memorization`` (layer → share of its residual written), v* convergence."""
     error: Mapped[str | None] = mapped_column(Text)
     rollback_id: Mapped[int | None] = mapped_column(ForeignKey("rollbacks.id"))
 

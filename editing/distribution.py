@@ -24,7 +24,7 @@ from editing.config import ObjectiveParams
 from editing.delta import LowRankDelta, apply_delta
 from editing.keys_values import RewriteRows, compute_keys
 from editing.models.adapter import ModelAdapter
-from editing.objectives import solve
+from editing.objectives import memorization, solve
 
 
 class EditDistribution(ABC):
@@ -83,6 +83,8 @@ class LayerUpdate:
     delta: LowRankDelta
     residual_norm: float
     """Mean norm of the residual assigned to this layer (diagnostic)."""
+    memorization: float
+    """Share of the assigned residual the update writes: ``1 − ‖Ŵ K_E − V_E‖ / ‖R‖`` (1: exact)."""
 
 
 def distribute(adapter: ModelAdapter, rows: RewriteRows, n_facts: int, targets: torch.Tensor,
@@ -103,8 +105,9 @@ def distribute(adapter: ModelAdapter, rows: RewriteRows, n_facts: int, targets: 
         k_e = keys.T.to(weight.device, torch.float64)
         v_e = weight.detach().to(torch.float64) @ k_e + residual.T.to(weight.device, torch.float64)
         delta = solve(algorithm, weight, second_moments[layer], k_e, v_e, params)
+        achieved = memorization(weight, k_e, v_e, delta)
         apply_delta(weight, delta)
-        update = LayerUpdate(layer, delta, float(residual.norm(dim=1).mean()))
+        update = LayerUpdate(layer, delta, float(residual.norm(dim=1).mean()), achieved)
         updates.append(update)
         if on_layer is not None:
             on_layer(update, time.perf_counter() - started)

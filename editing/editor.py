@@ -41,6 +41,17 @@ class BatchEdit:
     """``keys_values`` (v* plus the keys of every layer), ``solve``, and ``v_star``: the part of
     ``keys_values`` spent in the v* optimisation, the step that batching is meant to amortise."""
 
+    @property
+    def memorization(self) -> dict[int, float]:
+        """Layer → share of its assigned residual the update wrote (see :class:`LayerUpdate`)."""
+        return {update.layer: update.memorization for update in self.updates}
+
+    def diagnostics(self) -> dict[str, object]:
+        """What the ledger keeps with the batch to audit the edit's quality (JSON-serialisable)."""
+        return {"memorization": {str(layer): value for layer, value in self.memorization.items()},
+                "v_star_final_nll": float(self.values.final_nll.mean()),
+                "v_star_steps_max": int(self.values.steps.max())}
+
 
 class Editor:
     """Applies batches of facts to a loaded model under one :class:`EditConfig`.

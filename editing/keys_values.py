@@ -1,16 +1,24 @@
 """k* and v* for a whole batch of facts at once.
 
-* **k\\*** of a fact at layer ``l``: the mean, over context prefixes, of the
-  edited module's input at the last subject token of ``prefix + prompt``.
+* **k\\*** of a fact at layer ``l``: the edited module's input at the last
+  subject token of ``prefix + prompt``, averaged as the batched references do
+  (MEMIT/UME ``compute_ks``): the context prefixes form one context type and
+  the bare prompt another, each type is averaged, then the types — so the bare
+  prompt weighs as much as all prefixed prompts together (ROME's single-fact
+  code takes a plain mean over all prompts instead; seqedit uses the batched
+  references' weighting for every objective, ROME included).
 * **v\\*** (here: the target residual ``z``) of a fact at the last edit layer
   ``l_T``: ``z = h + δ``, where ``h`` is the block output at the last subject
   token of the bare prompt and ``δ`` minimises (MATH.md)
 
   ``mean_j NLL(target_new | prefix_j + prompt) + kl_factor · KL(P_δ ‖ P) on "{subject} is a"
-  + weight_decay · ‖δ‖ / ‖h‖²``
+  + weight_decay · ‖δ‖ / ‖v_orig‖²``
 
-  with Adam, projecting ``‖δ‖ ≤ clamp_norm_factor · ‖h‖`` after each step and
-  freezing a fact once its loss is below ``loss_threshold``.
+  with Adam, projecting ``‖δ‖ ≤ clamp_norm_factor · ‖v_orig‖`` after each step
+  and freezing a fact once its loss is below ``loss_threshold``. ``v_orig`` is
+  the residual ``h`` (MEMIT/EMMET) or the MLP output (ROME), per
+  :attr:`ValueParams.norm_anchor`. The KL distribution is read at the last
+  subject token of the KL prompt, where δ is injected, as the references do.
 
 All facts are optimised in one loop: every fact has its own δ (a separate
 Adam parameter, so its trajectory is exactly the one it would have alone), the
@@ -21,7 +29,7 @@ accumulation so memory stays bounded for large batches.
 Adding δ to the block output equals adding it to the MLP output (the MLP's
 output is the last term added to the residual in GPT-2, GPT-J and Llama
 blocks), so ROME's "δ at the MLP output" and MEMIT's "δ at the residual" are the
-same computation here.
+same computation here; they differ only in the norm anchor.
 """
 
 from __future__ import annotations
@@ -60,6 +68,15 @@ class RewriteRows:
     def bare_rows(self) -> torch.Tensor:
         return torch.arange(0, len(self.fact_of_row), self.n_prefixes)
 
+    @property
+    def prefix_weights(self) -> torch.Tensor:
+        """Weight of each prefix in a fact's k*: ½ for the bare prompt and ½ shared by the others
+        (the batched references' two context types), or 1 when there is only the bare prompt."""
+        if self.n_prefixes == 1:
+            return torch.ones(1)
+        others = torch.full((self.n_prefixes - 1,), 0.5 / (self.n_prefixes - 1))
+        return torch.cat([torch.tensor([0.5]), others])
+
 
 def build_rewrite_rows(adapter: ModelAdapter, facts: list[Fact], prefixes: tuple[str, ...],
                        with_targets: bool = True) -> RewriteRows:
@@ -79,8 +96,8 @@ def build_rewrite_rows(adapter: ModelAdapter, facts: list[Fact], prefixes: tuple
                        torch.tensor(subject_position), target_positions, target_ids, len(prefixes))
 
 
-def build_kl_rows(adapter: ModelAdapter, facts: list[Fact], kl_prompt: str) -> tuple[PaddedBatch, torch.Tensor, torch.Tensor]:
-    """Rows ``kl_prompt.format(subject)``: (batch, subject positions, last-token positions)."""
+def build_kl_rows(adapter: ModelAdapter, facts: list[Fact], kl_prompt: str) -> tuple[PaddedBatch, torch.Tensor]:
+    """Rows ``kl_prompt.format(subject)``: (batch, last-subject-token positions, where δ goes and KL is read)."""
     start = kl_prompt.index("{}")
     sequences, subject_position = [], []
     for fact in facts:
@@ -88,18 +105,17 @@ def build_kl_rows(adapter: ModelAdapter, facts: list[Fact], kl_prompt: str) -> t
         ids, position = last_token_before(adapter.tokenizer, text, start + len(fact.subject))
         sequences.append(ids)
         subject_position.append(position)
-    last = torch.tensor([len(seq) - 1 for seq in sequences])
-    return pad_right(sequences, adapter.tokenizer.pad_token_id), torch.tensor(subject_position), last
+    return pad_right(sequences, adapter.tokenizer.pad_token_id), torch.tensor(subject_position)
 
 
 def compute_keys(adapter: ModelAdapter, rows: RewriteRows, layer: int, n_facts: int,
                  residual_layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """k* per fact at ``layer`` (B × d_in, mean over prefixes) and, optionally, the current
-    residual at ``residual_layer`` on the bare prompts (B × d) — one forward pass for both."""
+    """k* per fact at ``layer`` (B × d_in, weighted by :attr:`RewriteRows.prefix_weights`) and, optionally,
+    the current residual at ``residual_layer`` on the bare prompts (B × d) — one forward pass for both."""
     residual_layers = [residual_layer] if residual_layer is not None else []
-    keys, residuals = read_states(adapter, rows.batch, rows.subject_position, [layer], residual_layers)
-    summed = torch.zeros(n_facts, keys[layer].shape[1]).index_add_(0, rows.fact_of_row, keys[layer])
-    mean_keys = summed / rows.n_prefixes
+    keys, residuals, _ = read_states(adapter, rows.batch, rows.subject_position, [layer], residual_layers)
+    weight_of_row = rows.prefix_weights.repeat(n_facts)[:, None]
+    mean_keys = torch.zeros(n_facts, keys[layer].shape[1]).index_add_(0, rows.fact_of_row, keys[layer] * weight_of_row)
     current = residuals[residual_layer][rows.bare_rows] if residual_layer is not None else None
     return mean_keys, current
 
@@ -122,13 +138,14 @@ def compute_value_targets(adapter: ModelAdapter, facts: list[Fact], layer: int,
                           rows_per_chunk: int = 64) -> ValueTargets:
     """Optimise one δ per fact at block ``layer``'s output; see the module docstring."""
     rows = build_rewrite_rows(adapter, facts, prefixes)
-    kl_batch, kl_subject, kl_last = build_kl_rows(adapter, facts, params.kl_prompt)
+    kl_batch, kl_subject = build_kl_rows(adapter, facts, params.kl_prompt)
     n_facts = len(facts)
-    _, residuals = read_states(adapter, rows.batch.rows(rows.bare_rows), rows.subject_position[rows.bare_rows],
-                               residual_layers=[layer])
-    h = residuals[layer].to(adapter.device)
-    h_norm = h.norm(dim=1)
-    max_norm = params.clamp_norm_factor * h_norm
+    states = read_states(adapter, rows.batch.rows(rows.bare_rows), rows.subject_position[rows.bare_rows],
+                         residual_layers=[layer], value_layers=[layer])
+    h = states.residuals[layer].to(adapter.device)
+    v_orig = h if params.norm_anchor == "residual" else states.values[layer].to(adapter.device)
+    anchor_norm = v_orig.norm(dim=1)
+    max_norm = params.clamp_norm_factor * anchor_norm
 
     deltas = [torch.zeros(h.shape[1], device=adapter.device, requires_grad=True) for _ in facts]
     optimizer = torch.optim.Adam(deltas, lr=params.lr)
@@ -148,9 +165,9 @@ def compute_value_targets(adapter: ModelAdapter, facts: list[Fact], layer: int,
                 facts_now = active.nonzero().flatten()
                 optimizer.zero_grad(set_to_none=True)
                 nll = _accumulate_nll(adapter, rows, facts_now, deltas, injection, rows_per_chunk)
-                kl, kl_reference = _accumulate_kl(adapter, kl_batch, kl_subject, kl_last, facts_now, deltas,
+                kl, kl_reference = _accumulate_kl(adapter, kl_batch, kl_subject, facts_now, deltas,
                                                   injection, kl_reference, params.kl_factor)
-                decay = torch.stack([deltas[i].norm() for i in facts_now.tolist()]) / h_norm[facts_now] ** 2
+                decay = torch.stack([deltas[i].norm() for i in facts_now.tolist()]) / anchor_norm[facts_now] ** 2
                 (params.weight_decay * decay).sum().backward()
                 loss = nll + params.kl_factor * kl.detach() + params.weight_decay * decay.detach().cpu()
                 steps[facts_now] += 1
@@ -203,10 +220,11 @@ def _accumulate_nll(adapter: ModelAdapter, rows: RewriteRows, facts_now: torch.T
     return nll
 
 
-def _accumulate_kl(adapter: ModelAdapter, batch: PaddedBatch, subject: torch.Tensor, last: torch.Tensor,
+def _accumulate_kl(adapter: ModelAdapter, batch: PaddedBatch, subject: torch.Tensor,
                    facts_now: torch.Tensor, deltas: list[torch.Tensor], injection: ResidualInjection,
                    reference: torch.Tensor | None, kl_factor: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Back-propagate ``kl_factor · KL(P_δ ‖ P)`` on the KL prompts of the active facts.
+    """Back-propagate ``kl_factor · KL(P_δ ‖ P)`` on the KL prompts of the active facts, with both
+    distributions read at the last subject token (where δ is injected), as the references do.
 
     The reference distribution ``P`` is read on the first call, when every δ is
     still zero, so it costs no extra forward pass.
@@ -214,7 +232,7 @@ def _accumulate_kl(adapter: ModelAdapter, batch: PaddedBatch, subject: torch.Ten
     injection.delta = torch.stack([deltas[f] for f in facts_now.tolist()])
     injection.positions = subject[facts_now]
     hidden = hidden_states(adapter, batch.rows(facts_now))
-    log_probs = log_probs_at(adapter, hidden, torch.arange(len(facts_now)), last[facts_now])
+    log_probs = log_probs_at(adapter, hidden, torch.arange(len(facts_now)), subject[facts_now])
     if reference is None:
         reference = log_probs.detach()
     kl = (log_probs.exp() * (log_probs - reference[facts_now])).sum(dim=1)

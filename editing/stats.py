@@ -9,7 +9,12 @@ editing, so it is done once per (model, layer, corpus, sample count, length):
 * each batch's ``KᵀK`` is formed in float32 and added to a float64 running sum,
   so precision does not depend on how many tokens are summed;
 * every layer is stored in its own file, written atomically, so a later request
-  for other layers computes only what is missing and nothing is computed twice.
+  for other layers computes only what is missing and nothing is computed twice;
+* the statistics describe the model *as loaded*: they are cached under its
+  fingerprint and shared by every run of it, so they are computed inside
+  :meth:`ModelAdapter.original_state`, whatever edits the model holds at the time
+  (a resumed run, an evaluation worker or another Prefect worker with an empty
+  cache ask for ``C0`` after restoring an edited state).
 """
 
 from __future__ import annotations
@@ -55,7 +60,8 @@ def second_moments(adapter: ModelAdapter, layers: list[int], params: StatsParams
     paths = {layer: stats_path(adapter, layer, corpus, params) for layer in layers}
     missing = [layer for layer, path in paths.items() if not path.exists()]
     if missing:
-        computed, tokens = _accumulate(adapter, missing, corpus, params, progress)
+        with adapter.original_state():
+            computed, tokens = _accumulate(adapter, missing, corpus, params, progress)
         for layer, moment in computed.items():
             _save_atomically(paths[layer], moment, {"tokens": str(tokens), "corpus": corpus.name,
                                                     "n_samples": str(params.n_samples)})

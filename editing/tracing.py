@@ -1,8 +1,9 @@
 """Forward hooks that read keys and residual states, and inject residual deltas.
 
-Everything the editor needs from inside a model is one of three things, at one
-token per row: the edited module's *input* (a key), a block's *output* (the
-residual stream), or an additive change to a block's output (the v* delta).
+Everything the editor needs from inside a model is one of four things, at one
+token per row: the edited module's *input* (a key) or *output* (the MLP's
+value), a block's *output* (the residual stream), or an additive change to a
+block's output (the v* delta).
 Reading stops the forward pass at the deepest layer needed, since the layers
 above it cannot change what was read.
 """
@@ -10,7 +11,7 @@ above it cannot change what was read.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import torch
 
@@ -31,40 +32,48 @@ def _at(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), positions.to(hidden.device)]
 
 
+class States(NamedTuple):
+    """What :func:`read_states` read: layer → (rows × dim) float32 CPU tensor, per kind."""
+
+    keys: dict[int, torch.Tensor]
+    """Inputs of the edited module."""
+    residuals: dict[int, torch.Tensor]
+    """Block outputs (the residual stream after the layer)."""
+    values: dict[int, torch.Tensor]
+    """Outputs of the edited module (the MLP's contribution to the residual)."""
+
+
 @torch.no_grad()
 def read_states(adapter: ModelAdapter, batch: PaddedBatch, positions: torch.Tensor,
-                key_layers: list[int] = (), residual_layers: list[int] = ()
-                ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
-    """Keys (edited-module inputs) and residual states (block outputs) at one position per row.
-
-    Returns ``(keys, residuals)``, dicts from layer to a (rows × dim) float32
-    tensor on the CPU.
-    """
-    keys: dict[int, torch.Tensor] = {}
-    residuals: dict[int, torch.Tensor] = {}
-    deepest = max([*key_layers, *residual_layers])
+                key_layers: list[int] = (), residual_layers: list[int] = (), value_layers: list[int] = ()
+                ) -> States:
+    """Keys, residual states and MLP values at one position per row, in one pass stopped at the deepest layer."""
+    states = States({}, {}, {})
+    deepest = max([*key_layers, *residual_layers, *value_layers])
     handles = []
 
-    def key_hook(layer: int):
+    def input_hook(into: dict[int, torch.Tensor], layer: int):
         def hook(module, args):
-            keys[layer] = _at(args[0], positions).float().cpu()
+            into[layer] = _at(args[0], positions).float().cpu()
         return hook
 
-    def residual_hook(layer: int):
+    def output_hook(into: dict[int, torch.Tensor], layer: int):
         def hook(module, args, output):
-            residuals[layer] = _at(block_hidden(output), positions).float().cpu()
+            into[layer] = _at(block_hidden(output), positions).float().cpu()
         return hook
 
     try:
         for layer in key_layers:
-            handles.append(adapter.edited_module(layer).register_forward_pre_hook(key_hook(layer)))
+            handles.append(adapter.edited_module(layer).register_forward_pre_hook(input_hook(states.keys, layer)))
+        for layer in value_layers:
+            handles.append(adapter.edited_module(layer).register_forward_hook(output_hook(states.values, layer)))
         for layer in residual_layers:
-            handles.append(adapter.block(layer).register_forward_hook(residual_hook(layer)))
+            handles.append(adapter.block(layer).register_forward_hook(output_hook(states.residuals, layer)))
         forward_until(adapter, batch, deepest)
     finally:
         for handle in handles:
             handle.remove()
-    return keys, residuals
+    return states
 
 
 def forward_until(adapter: ModelAdapter, batch: PaddedBatch, layer: int) -> None:

@@ -3,8 +3,8 @@
 Loading is cheap for SmolLM2 but not for a 7B model, and a scheduled worker
 runs many flows: the model is loaded once per process and each flow run puts it
 into the state it needs (a run's weights at some batch) from the ledger. The
-first time any layer is about to change, its loaded ("pristine") value is kept,
-so that every run starts from the same original model.
+adapter keeps every edited layer's loaded ("pristine") value, so that every run
+starts from the same original model.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ class ModelSession:
 
     def __init__(self, adapter: ModelAdapter) -> None:
         self.adapter = adapter
-        self._pristine: dict[int, torch.Tensor] = {}
 
     @classmethod
     def get(cls, model: str | None) -> "ModelSession":
@@ -36,14 +35,12 @@ class ModelSession:
         return cls._loaded.get(model or DEFAULT_MODEL)
 
     def pristine(self, layers: Iterable[int]) -> dict[int, torch.Tensor]:
-        """The layers' weights as loaded; must be asked for before a layer is first edited."""
-        for layer in layers:
-            if layer not in self._pristine:
-                self._pristine[layer] = self.adapter.weight(layer).detach().clone()
-        return {layer: self._pristine[layer] for layer in layers}
+        """The layers' weights as loaded (see :meth:`ModelAdapter.original_weights`)."""
+        return self.adapter.original_weights(layers)
 
     def load_state(self, weights: dict[int, torch.Tensor]) -> None:
         """Make the model the pristine one except for ``weights`` (e.g. a run's state from the ledger)."""
-        self.pristine(weights)
-        self.adapter.restore({layer: w for layer, w in self._pristine.items() if layer not in weights})
+        self.adapter.original_weights(weights)
+        originals = self.adapter.original_weights(self.adapter.touched_layers())
+        self.adapter.restore({layer: w for layer, w in originals.items() if layer not in weights})
         self.adapter.restore(weights)

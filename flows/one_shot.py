@@ -70,7 +70,11 @@ def edit_config_for(adapter: ModelAdapter, request: OneShotRequest) -> EditConfi
 
 
 def run_one_shot(request: OneShotRequest) -> dict[str, Any]:
-    """Edit and measure; returns the report that ``seqedit edit --json`` prints."""
+    """Edit and measure; returns the report that ``seqedit edit --json`` prints.
+
+    ``memorization`` maps each edited layer to the share of its assigned residual the
+    updates wrote (``1 − ‖Ŵ K_E − V_E‖ / ‖R‖``), averaged over the batches.
+    """
     started = time.perf_counter()
     if request.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {request.batch_size}")
@@ -89,10 +93,13 @@ def run_one_shot(request: OneShotRequest) -> dict[str, Any]:
     editor = Editor.prepare(adapter, config)
     for part, spent in editor.prepare_seconds.items():
         seconds[part] += spent
+    achieved: dict[int, list[float]] = {}
     for start in range(0, len(facts), request.batch_size):
         batch = editor.apply(facts[start:start + request.batch_size])
         for part in ("keys_values", "solve"):
             seconds[part] += batch.seconds[part]
+        for layer, value in batch.memorization.items():
+            achieved.setdefault(layer, []).append(value)
 
     tick = time.perf_counter()
     post = counterfact_metrics(adapter, facts, batch_size=request.eval_batch_size).metrics()
@@ -110,6 +117,7 @@ def run_one_shot(request: OneShotRequest) -> dict[str, Any]:
         "layers": list(editor.layers),
         "pre": {key: pre.get(key.lower()) for key in METRIC_KEYS},
         "post": {key: post.get(key.lower()) for key in METRIC_KEYS},
+        "memorization": {str(layer): sum(values) / len(values) for layer, values in achieved.items()},
         "seconds": {key: round(value, 3) for key, value in seconds.items()},
         "hparams": config.to_dict(),
     }

@@ -85,13 +85,13 @@ def commit_batch(context: RunContext, writer: RunWriter, batch: ClaimedBatch, ed
                  seconds: dict[str, float]) -> None:
     checkpoint = context.adapter.snapshot(list(context.run.layers)) if batch.checkpoint_due else None
     writer.commit_batch(batch, {update.layer: update.delta for update in edit.updates}, edit.weights_sha256,
-                        timings=seconds, checkpoint=checkpoint)
+                        timings=seconds, checkpoint=checkpoint, diagnostics=edit.diagnostics())
 
 
 @task(name="evaluate-model", retries=1, **NOT_PERSISTED)
-def evaluate_model(context: RunContext, batch_facts: list[Fact]) -> tuple[dict[str, float], dict[str, float]]:
+def evaluate_model(context: RunContext, seq: int, batch_facts: list[Fact]) -> tuple[dict[str, float], dict[str, float]]:
     config = context.settings.evaluation_config()
-    report = evaluate(context.adapter, config, facts=batch_facts, earlier_facts=context.retention_facts(),
+    report = evaluate(context.adapter, config, facts=batch_facts, earlier_facts=context.retention_facts(seq),
                       original_weights=context.original, generation_prompts=PROBE_PROMPTS[:config.generation_facts])
     return report.metrics(), report.seconds
 
@@ -132,7 +132,7 @@ def _baseline(context: RunContext) -> dict[str, float]:
 def _evaluate_point(context: RunContext, seq: int, batch_facts: list[Fact], baseline: dict[str, float],
                     announce: str = "evaluation") -> tuple[dict[str, float], list[Alarm]]:
     started = time.perf_counter()
-    metrics, parts = evaluate_model(context, batch_facts)
+    metrics, parts = evaluate_model(context, seq, batch_facts)
     spent = time.perf_counter() - started
     evaluation_id = record_metrics(context, seq, metrics, spent)
     alarms = detect(metrics, baseline, context.settings.collapse.rules) if baseline else []

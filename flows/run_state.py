@@ -56,10 +56,13 @@ class RunContext:
     def original(self) -> dict[int, torch.Tensor]:
         return self.session.pristine(self.run.layers)
 
-    def retention_facts(self) -> list[Fact]:
-        """A fixed, seeded sample of the facts applied so far: a fact's membership never changes as
-        the run grows, so retention curves follow the same facts from evaluation to evaluation."""
-        facts = applied_facts(self.engine, self.run.id)
+    def retention_facts(self, seq: int) -> list[Fact]:
+        """The earlier edits retention checks at point ``seq``: facts of the batches *before* ``seq``
+        (the batch just edited is scored by ES/PS/NS; counting it as retained would inflate retention
+        and blunt its collapse rule), none at batch 1. A fixed, seeded sample of them: a fact's
+        membership never changes as the run grows, so retention curves follow the same facts from
+        evaluation to evaluation."""
+        facts = applied_facts(self.engine, self.run.id, before_seq=seq)
         size = self.settings.retention_sample
         if size is None or len(facts) <= size:
             return [fact for _, fact in facts]

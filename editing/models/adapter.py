@@ -10,8 +10,10 @@ Adding a family is adding one spec to :data:`ARCHITECTURES`.
 from __future__ import annotations
 
 import hashlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -59,6 +61,8 @@ class ModelAdapter:
         self.name = name
         self.spec = ARCHITECTURES[model_type]
         self._source_fingerprint = source_fingerprint
+        self._originals: dict[int, torch.Tensor] = {}
+        """The edited matrices as loaded (CPU copies), captured the first time each is handed out."""
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         model.eval()
@@ -88,18 +92,26 @@ class ModelAdapter:
     def weight(self, layer: int) -> torch.Tensor:
         """The edited matrix in canonical (d_out × d_in) orientation, as a view of the parameter.
 
-        In-place updates of the returned tensor change the model.
+        In-place updates of the returned tensor change the model. Every edit goes
+        through this view, so the first call for a layer is the moment to keep its
+        loaded value (see :meth:`original_weights`).
         """
+        view = self._canonical(layer)
+        if layer not in self._originals:
+            self._originals[layer] = view.detach().to("cpu", copy=True)
+        return view
+
+    def _canonical(self, layer: int) -> torch.Tensor:
         parameter = self.edited_module(layer).weight
         return parameter.T if self.spec.transposed else parameter
 
     @property
     def key_dim(self) -> int:
-        return self.weight(0).shape[1]
+        return self._canonical(0).shape[1]
 
     @property
     def hidden_dim(self) -> int:
-        return self.weight(0).shape[0]
+        return self._canonical(0).shape[0]
 
     def _check_layer(self, layer: int) -> None:
         if not 0 <= layer < len(self.blocks):
@@ -135,3 +147,31 @@ class ModelAdapter:
         with torch.no_grad():
             for layer, tensor in weights.items():
                 self.weight(layer).copy_(tensor.to(self.device))
+
+    # -- the model as loaded ---------------------------------------------------------------
+    def touched_layers(self) -> list[int]:
+        """Layers whose matrix has been handed out for editing (the only ones that may differ from the load)."""
+        return sorted(self._originals)
+
+    def original_weights(self, layers: Iterable[int]) -> dict[int, torch.Tensor]:
+        """The matrices of ``layers`` as loaded, before any edit (CPU tensors; do not modify them)."""
+        for layer in layers:
+            self.weight(layer)  # captures the loaded value if this is the first access
+        return {layer: self._originals[layer] for layer in layers}
+
+    @contextmanager
+    def original_state(self) -> Iterator["ModelAdapter"]:
+        """The model as loaded for the duration of the block, whatever edits it holds now.
+
+        Anything defined on *the* model (the preserved-key statistics ``C0``, cached under
+        its fingerprint) must be computed inside this block: computed on an edited model it
+        would describe that edit's keys and poison every later run of the same model. Only
+        matrices this adapter handed out can have been edited, so swapping those back is
+        enough; the current values are put back afterwards, exactly.
+        """
+        current = self.snapshot(self.touched_layers())
+        self.restore(self._originals)
+        try:
+            yield self
+        finally:
+            self.restore(current)

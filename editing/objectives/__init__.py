@@ -52,4 +52,11 @@ def solve(name: str, w0: torch.Tensor, c0: torch.Tensor, k_e: torch.Tensor, v_e:
     return objective.update(problem, hparams)
 
 
-__all__ = ["EditProblem", "Objective", "OBJECTIVES", "get_objective", "solve"]
+def memorization(w0: torch.Tensor, k_e: torch.Tensor, v_e: torch.Tensor, delta: LowRankDelta) -> float:
+    """``1 − ‖(W0 + ΔW) K_E − V_E‖ / ‖V_E − W0 K_E‖`` (see :meth:`EditProblem.memorization`)."""
+    problem = EditProblem(w0=w0.detach().to(torch.float64), c0=torch.empty(0), k_e=k_e.detach().to(torch.float64),
+                          v_e=v_e.detach().to(torch.float64))
+    return problem.memorization(delta)
+
+
+__all__ = ["EditProblem", "Objective", "OBJECTIVES", "get_objective", "memorization", "solve"]

@@ -8,6 +8,7 @@ returns ``ΔW = U Vᵀ`` as factors with ``U = R = V_E − W0 K_E``.
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -15,6 +16,13 @@ import torch
 
 from editing.config import ObjectiveParams
 from editing.delta import LowRankDelta
+
+log = logging.getLogger(__name__)
+
+RIDGE_STEPS = (1e-10, 1e-8, 1e-6, 1e-4)
+"""Ridges tried, relative to the mean diagonal, when a system that should be positive definite is not:
+an estimated ``C0`` is only positive *semi*-definite when it saw fewer distinct keys than its dimension,
+and float rounding can push its smallest eigenvalues just below zero."""
 
 
 @dataclass(frozen=True)
@@ -34,6 +42,20 @@ class EditProblem:
     def residual(self) -> torch.Tensor:
         """``R = V_E − W0 K_E``: what the layer must add for the edited keys."""
         return self.v_e - self.w0 @ self.k_e
+
+    def memorization(self, delta: LowRankDelta) -> float:
+        """``1 − ‖Ŵ K_E − V_E‖ / ‖R‖``: the share of the residual the update actually writes.
+
+        1 for an exact (equality-constrained) edit, less for a least-squares or
+        ridge-regularised one; the diagnostic that shows, e.g., EMMET's ridge λ_E
+        outweighing its constraints. ``Ŵ K_E − V_E = U (Vᵀ K_E) − R``.
+        """
+        residual = self.residual
+        scale = torch.linalg.norm(residual)
+        if scale == 0:
+            return 1.0
+        miss = delta.u.to(residual) @ (delta.v.to(residual).T @ self.k_e) - residual
+        return float(1 - torch.linalg.norm(miss) / scale)
 
     def preservation(self, params: ObjectiveParams) -> torch.Tensor:
         """``C = λ C0 + μ I``: the weighted preserved-key moment with its norm ridge."""
@@ -58,9 +80,24 @@ class Objective(ABC):
 
 
 def cholesky(matrix: torch.Tensor, what: str) -> torch.Tensor:
-    """Lower Cholesky factor, or a clear error saying which matrix is not positive definite."""
+    """Lower Cholesky factor of a symmetric matrix that should be positive definite.
+
+    When it is not, a growing ridge (:data:`RIDGE_STEPS` × its mean diagonal) is
+    added until it is, with a warning, so that a rank-deficient ``C0`` does not
+    abort a batch mid-run; a matrix that no small ridge repairs (one with large
+    negative eigenvalues is not a preservation matrix at all) is a clear error.
+    """
     factor, info = torch.linalg.cholesky_ex(matrix)
-    if int(info) != 0:
-        raise ValueError(f"{what} is not positive definite (Cholesky failed at column {int(info)}); "
-                         "raise update_norm_lambda (μ) or estimate C0 from more text")
-    return factor
+    if int(info) == 0:
+        return factor
+    scale = float(matrix.diagonal().abs().mean())
+    identity = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
+    for relative in RIDGE_STEPS:
+        factor, retry = torch.linalg.cholesky_ex(matrix + relative * scale * identity)
+        if int(retry) == 0:
+            log.warning("%s is not positive definite (Cholesky failed at column %d); solved with a ridge of "
+                        "%.1e × its mean diagonal (%.3g) added", what, int(info), relative, relative * scale)
+            return factor
+    raise ValueError(f"{what} is not positive definite (Cholesky failed at column {int(info)}, and still with a "
+                     f"ridge of {RIDGE_STEPS[-1]:g} × its mean diagonal); raise update_norm_lambda (μ) or "
+                     "estimate C0 from more text")

@@ -10,6 +10,13 @@ used, as in the authors' implementation.
 
 ROME is this objective restricted to B = 1, where ``D`` is the scalar
 ``k_eᵀ C⁻¹ k_e`` and the update is ROME's rank-one formula.
+
+λ_E is absolute, as in the authors' code, so it is only a small stabiliser
+when ``diag(K_Eᵀ C⁻¹ K_E)`` is large — which depends on λ and on the scale of
+``C0`` (the Llama-2 reference sets λ = 1 for EMMET). When λ_E is a sizeable
+share of that diagonal the edit is ridge-regularised, not equality-constrained;
+:data:`RELAXED_SHARE` triggers a warning and the memorization fraction the
+editor records shows by how much.
 """
 
 from __future__ import annotations
@@ -24,6 +31,9 @@ from editing.objectives.base import EditProblem, Objective, cholesky
 
 log = logging.getLogger(__name__)
 
+RELAXED_SHARE = 0.01
+"""λ_E above this share of the mean diagonal of ``K_Eᵀ C⁻¹ K_E`` visibly relaxes EMMET's constraints."""
+
 
 class Emmet(Objective):
     name = "emmet"
@@ -33,6 +43,11 @@ class Emmet(Objective):
         c_inv_k = torch.cholesky_solve(k_e, cholesky(problem.preservation(params), "λ C0 + μ I"))
         d = k_e.T @ c_inv_k
         if problem.batch_size > 1:
+            mean_diagonal = float(d.diagonal().mean())
+            if params.emmet_lambda > RELAXED_SHARE * mean_diagonal:
+                log.warning("EMMET: λ_E = %g is %.0f%% of the mean diagonal of K_Eᵀ C⁻¹ K_E (%.3g): the constraints "
+                            "are relaxed into a ridge-regularised edit; lower λ (mom2_update_weight) or λ_E",
+                            params.emmet_lambda, 100 * params.emmet_lambda / mean_diagonal, mean_diagonal)
             d = d + params.emmet_lambda * torch.eye(d.shape[0], dtype=d.dtype, device=d.device)
         factor, info = torch.linalg.cholesky_ex(d)
         if int(info) == 0:

@@ -41,5 +41,7 @@ def handle(args: argparse.Namespace) -> int:
     for phase in ("pre", "post"):
         print(f"{phase:6}" + "".join("       -" if report[phase][key] is None else f"{report[phase][key]:8.3f}"
                                      for key in METRIC_KEYS))
+    print("memorization per layer: " + ", ".join(f"{layer} {value:.3f}" for layer, value in
+                                                 report["memorization"].items()))
     print("seconds: " + ", ".join(f"{key} {value:.1f}" for key, value in report["seconds"].items()))
     return 0

@@ -87,3 +87,32 @@ def test_init_command_migrates_the_database(empty_database_url, capsys):
         assert _tables(engine) == LEDGER_TABLES
     finally:
         engine.dispose()
+
+
+def test_a_ledger_written_before_batch_diagnostics_upgrades_and_keeps_working(database):
+    """A ledger at revision 0002 (no ``batches.diagnostics``) with a run in it: upgraded to head, its
+    history reads back (no memorization recorded for old batches) and its weights restore and verify."""
+    import torch
+
+    from db.history import batches_frame
+    from db.ledger import acquire_writer
+    from db.replay import weights_at
+    from fixtures.database import add_facts, apply_and_commit, new_run, random_weights
+
+    engine = database.engine
+    add_facts(engine, 8)
+    weights = random_weights()
+    run = new_run(engine, weights, batch_size=4, checkpoint_every=1)
+    generator = torch.Generator().manual_seed(0)
+    with acquire_writer(engine, run.id) as writer:
+        for _ in range(2):
+            apply_and_commit(writer, writer.claim_batch(), weights, generator)
+    downgrade(database.url, "0002")
+    engine.dispose()
+    assert "diagnostics" not in {column["name"] for column in inspect(engine).get_columns("batches")}
+    upgrade(database.url)
+    frame = batches_frame(engine, run.id)
+    assert list(frame["status"]) == ["applied", "applied"]
+    assert not [column for column in frame.columns if column.startswith("memorization_")]
+    restored = weights_at(engine, run.id, 2)
+    assert all(torch.equal(restored[layer], weights[layer]) for layer in weights)

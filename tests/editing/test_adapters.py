@@ -63,7 +63,7 @@ def test_read_states_matches_full_forward(tiny_model):
     adapter = tiny_model("llama")
     batch = pad_right([[5, 6, 7, 8, 9], [11, 12, 13]], adapter.tokenizer.pad_token_id)
     positions = torch.tensor([3, 1])
-    keys, residuals = read_states(adapter, batch, positions, key_layers=[1], residual_layers=[2])
+    keys, residuals, _ = read_states(adapter, batch, positions, key_layers=[1], residual_layers=[2])
     with torch.no_grad():
         output = adapter.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                output_hidden_states=True)

@@ -22,7 +22,8 @@ def facts():
     return [fact_from_record(record) for record in records[:4]]
 
 
-def test_keys_are_prefix_means_of_per_prompt_keys(tiny_model, facts):
+def test_keys_weigh_the_bare_prompt_as_much_as_all_prefixes(tiny_model, facts):
+    """MEMIT/UME ``compute_ks``: mean within each context type (bare; prefixed), then over the types."""
     adapter = tiny_model("gpt2")
     rows = build_rewrite_rows(adapter, facts, PREFIXES, with_targets=False)
     keys, current = compute_keys(adapter, rows, 1, len(facts), residual_layer=2)
@@ -32,7 +33,8 @@ def test_keys_are_prefix_means_of_per_prompt_keys(tiny_model, facts):
         single = build_rewrite_rows(adapter, [fact], PREFIXES, with_targets=False)
         per_prefix = [compute_keys(adapter, build_rewrite_rows(adapter, [fact], (p,), with_targets=False), 1, 1)[0]
                       for p in PREFIXES]
-        torch.testing.assert_close(keys[index], torch.cat(per_prefix).mean(0), rtol=1e-4, atol=1e-5)
+        expected = 0.5 * per_prefix[0][0] + 0.5 * torch.cat(per_prefix[1:]).mean(0)
+        torch.testing.assert_close(keys[index], expected, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(compute_keys(adapter, single, 1, 1)[0][0], keys[index], rtol=1e-4, atol=1e-5)
 
 

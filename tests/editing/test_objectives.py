@@ -111,3 +111,50 @@ def test_bad_input_is_rejected_clearly():
         solve("emmet", w0, c0, k_e * float("nan"), v_e, PLAIN)
     with pytest.raises(ValueError, match="not positive definite"):
         solve("emmet", w0, -c0, k_e, v_e, PLAIN)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.tuples(st.integers(0, 10_000), st.integers(16, 48), st.integers(8, 24), st.integers(2, 8)))
+def test_emmet_with_ridges_is_its_dense_closed_form(case):
+    """ΔW = R (K_Eᵀ C⁻¹ K_E + λ_E I)⁻¹ K_Eᵀ C⁻¹ with C = λ C0 + μ I, computed densely with explicit inverses."""
+    w0, c0, k_e, v_e = problem(*case)
+    params = ObjectiveParams(mom2_update_weight=7.0, update_norm_lambda=0.3, emmet_lambda=0.25)
+    c_inv = torch.linalg.inv(7.0 * c0 + 0.3 * torch.eye(c0.shape[0], dtype=c0.dtype))
+    d = k_e.T @ c_inv @ k_e + 0.25 * torch.eye(k_e.shape[1], dtype=c0.dtype)
+    expected = (v_e - w0 @ k_e) @ torch.linalg.inv(d) @ k_e.T @ c_inv
+    delta = solve("emmet", w0, c0, k_e, v_e, params)
+    torch.testing.assert_close(delta.u @ delta.v.T, expected, rtol=1e-8, atol=1e-10)
+
+
+def test_memorization_is_one_for_exact_emmet_and_less_with_a_large_ridge(caplog):
+    from editing.objectives import memorization
+
+    w0, c0, k_e, v_e = problem(9, 32, 16, 6)
+    exact = solve("emmet", w0, c0, k_e, v_e, PLAIN)
+    assert memorization(w0, k_e, v_e, exact) == pytest.approx(1.0, abs=1e-9)
+    d_diagonal = float((k_e.T @ torch.linalg.solve(c0, k_e)).diagonal().mean())
+    relaxed_params = ObjectiveParams(mom2_update_weight=1.0, emmet_lambda=d_diagonal)  # λ_E as large as diag(D)
+    relaxed = solve("emmet", w0, c0, k_e, v_e, relaxed_params)
+    share = memorization(w0, k_e, v_e, relaxed)
+    assert 0.2 < share < 0.8
+    assert "constraints are relaxed" in caplog.text
+    by_hand = 1 - torch.linalg.norm((w0 + relaxed.u @ relaxed.v.T) @ k_e - v_e) / torch.linalg.norm(v_e - w0 @ k_e)
+    assert share == pytest.approx(float(by_hand), abs=1e-12)
+
+
+@pytest.mark.parametrize("name", ["memit", "emmet"])
+def test_a_rank_deficient_c0_is_solved_with_a_ridge_and_a_warning(name, caplog):
+    """C0 estimated from fewer keys than its dimension is singular; with μ = 0 the solve must not abort."""
+    generator = torch.Generator().manual_seed(4)
+    d_in, d_out, batch = 32, 16, 4
+    samples = torch.randn(d_in, 10, generator=generator, dtype=torch.float64)
+    c0 = samples @ samples.T / 10  # rank 10 < 32
+    w0 = torch.randn(d_out, d_in, generator=generator, dtype=torch.float64)
+    k_e = torch.randn(d_in, batch, generator=generator, dtype=torch.float64)
+    v_e = torch.randn(d_out, batch, generator=generator, dtype=torch.float64)
+    delta = solve(name, w0, c0, k_e, v_e, PLAIN)
+    assert "not positive definite" in caplog.text and "ridge" in caplog.text
+    dense = delta.u @ delta.v.T
+    assert torch.isfinite(dense).all()
+    if name == "emmet":  # the constraints still hold
+        torch.testing.assert_close((w0 + dense) @ k_e, v_e, rtol=1e-6, atol=1e-6)

@@ -55,10 +55,15 @@ def test_three_batches_rollback_and_deterministic_replay(database):
     assert sorted(metrics["seq"].unique()) == [0, 1, 2, 3]
     per_point = metrics.groupby("seq")["name"].apply(set)
     for seq in (1, 2, 3):
-        assert CF_METRICS | {"retention.es", "ge", "ppl.wikitext-2-test", "acc.sst2", "norm.dw.3", "norm.w.4"} \
-            <= per_point[seq]
+        assert CF_METRICS | {"ge", "ppl.wikitext-2-test", "acc.sst2", "norm.dw.3", "norm.w.4"} <= per_point[seq]
     assert not CF_METRICS & per_point[0]  # the baseline has no batch to score
     values = metrics.pivot_table(index="seq", columns="name", values="value")
+    # retention is about *earlier* edits: none at batch 1, batch 1's facts at 2, batches 1-2's at 3
+    assert not {name for name in per_point[1] if name.startswith("retention.")}
+    assert (values.loc[2, "retention.n_facts"], values.loc[3, "retention.n_facts"]) == (8, 16)
+    # every layer's memorization is recorded with its batch (exact EMMET writes almost all of its residual)
+    for layer in (3, 4):
+        assert batches[f"memorization_{layer}"].between(0.5, 1.0 + 1e-9).all(), batches
     assert values.loc[0, "norm.dw.3"] == 0.0 and values.loc[3, "norm.dw.3"] > values.loc[1, "norm.dw.3"] > 0
     assert values.loc[1, "es"] >= 0.5  # eight real edits mostly took (6 v* steps)
     final = hashes[hashes["seq"] == 3].set_index("layer")["sha256"].to_dict()

@@ -1,0 +1,134 @@
+"""The batched v* engine against a per-fact v* written plainly from MATH.md, on SmolLM2.
+
+The reference below shares nothing with ``editing/keys_values.py``: it is one
+fact at a time, one prompt per forward pass, with its own tokenisation and its
+own hook on the raw Hugging Face modules. It follows MATH.md ("Computing k* and
+v*") literally: δ is added at the last subject token — to the MLP output for
+ROME (``norm_anchor: mlp_output``), to the block output for MEMIT/EMMET
+(``residual``) —, the loss is the mean target NLL over the prompts plus
+``kl_factor · KL(P_δ ‖ P)`` read at the last subject token of "{subject} is a"
+plus ``weight_decay · ‖δ‖ / ‖v_orig‖²``, Adam steps, then the projection
+``‖δ‖ ≤ clamp_norm_factor · ‖v_orig‖``; the loop stops when the loss is below
+the threshold or the steps run out (no step after the last evaluation).
+
+The clamp is set tight enough to bind, so the two anchors give different
+targets and the comparison checks which norm each one uses.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from editing.config import ValueParams
+from editing.facts import Fact, fact_from_record
+from editing.keys_values import compute_value_targets
+from fixtures.models import COUNTERFACT_1000
+
+LAYER = 6
+PREFIXES = ("", "The weather was cold that day. ", "Because of this, ")
+PARAMS = ValueParams(lr=0.5, steps=4, clamp_norm_factor=0.3, kl_factor=0.0625, weight_decay=0.5,
+                     loss_threshold=0.05, n_prefixes=len(PREFIXES) - 1, kl_prompt="{} is a")
+
+
+def _last_subject_token(tokenizer, text: str, subject_end: int) -> tuple[list[int], int]:
+    encoding = tokenizer(text, return_offsets_mapping=True)
+    for index, (start, end) in enumerate(encoding["offset_mapping"]):
+        if start < subject_end <= end:
+            return encoding["input_ids"], index
+    raise AssertionError(f"no token ends the subject in {text!r}")
+
+
+def plain_v_star(model, tokenizer, fact: Fact, params: ValueParams) -> torch.Tensor:
+    """``z = h + δ`` for one fact, by the procedure of MATH.md, one prompt per forward pass."""
+    block = model.model.layers[LAYER]
+    site = block.mlp if params.norm_anchor == "mlp_output" else block
+    target = tokenizer(" " + fact.target_new, add_special_tokens=False)["input_ids"]
+    subject_end = fact.prompt.index("{}") + len(fact.subject)
+    prompts = []
+    for prefix in PREFIXES:
+        ids, position = _last_subject_token(tokenizer, prefix + fact.rewrite_prompt, len(prefix) + subject_end)
+        prompts.append((ids + target[:-1], position, len(ids)))
+    kl_text = params.kl_prompt.replace("{}", fact.subject)
+    kl_ids, kl_position = _last_subject_token(tokenizer, kl_text, kl_text.index(fact.subject) + len(fact.subject))
+
+    injected: dict[str, object] = {}
+
+    def add_delta(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        hidden = hidden.clone()
+        hidden[0, injected["position"]] += injected["delta"]
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    def block_output_at(ids: list[int], position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(residual after the block, value at the injection site) at ``position``, without δ."""
+        seen = {}
+        handles = [block.register_forward_hook(lambda m, a, o: seen.update(h=o[0] if isinstance(o, tuple) else o)),
+                   site.register_forward_hook(lambda m, a, o: seen.update(v=o[0] if isinstance(o, tuple) else o))]
+        with torch.no_grad():
+            model(torch.tensor([ids]))
+        for handle in handles:
+            handle.remove()
+        return seen["h"][0, position], seen["v"][0, position]
+
+    h, v_orig = block_output_at(prompts[0][0], prompts[0][1])
+    anchor = torch.linalg.norm(v_orig)
+    delta = torch.zeros_like(h, requires_grad=True)
+    optimizer = torch.optim.Adam([delta], lr=params.lr)
+    handle = site.register_forward_hook(add_delta)
+    reference_kl = None
+    try:
+        for step in range(params.steps):
+            optimizer.zero_grad()
+            nll = 0.0
+            for ids, position, prompt_length in prompts:
+                injected.update(delta=delta, position=position)
+                log_probs = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+                token_nll = [-log_probs[prompt_length - 1 + t, token] for t, token in enumerate(target)]
+                nll = nll + torch.stack(token_nll).mean() / len(prompts)
+            injected.update(delta=delta, position=kl_position)
+            kl_log_probs = torch.log_softmax(model(torch.tensor([kl_ids])).logits[0, kl_position].float(), dim=-1)
+            if reference_kl is None:
+                reference_kl = kl_log_probs.detach()
+            kl = (kl_log_probs.exp() * (kl_log_probs - reference_kl)).sum()
+            loss = nll + params.kl_factor * kl + params.weight_decay * torch.linalg.norm(delta) / anchor ** 2
+            if loss.item() < params.loss_threshold or step == params.steps - 1:
+                break
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                limit = params.clamp_norm_factor * anchor
+                if torch.linalg.norm(delta) > limit:
+                    delta.mul_(limit / torch.linalg.norm(delta))
+    finally:
+        handle.remove()
+    return (h + delta).detach()
+
+
+@pytest.fixture(scope="module")
+def three_facts() -> list[Fact]:
+    records = json.loads(COUNTERFACT_1000.read_text())
+    return [fact_from_record(record, index) for index, record in enumerate(records[600:603])]
+
+
+@pytest.mark.smollm
+def test_batched_v_star_equals_the_plain_per_fact_procedure_for_both_anchors(smollm2, three_facts):
+    model, tokenizer = smollm2.model, smollm2.tokenizer
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    targets = {}
+    for anchor in ("residual", "mlp_output"):
+        params = replace(PARAMS, norm_anchor=anchor)
+        engine = compute_value_targets(smollm2, three_facts, LAYER, PREFIXES, params)
+        for index, fact in enumerate(three_facts):
+            expected = plain_v_star(model, tokenizer, fact, params)
+            error = torch.linalg.norm(engine.z[index] - expected) / torch.linalg.norm(expected)
+            assert error < 2e-3, f"{anchor}, {fact.subject}: relative difference {error:.2e}"
+        targets[anchor] = engine.z
+    for parameter in model.parameters():
+        parameter.requires_grad_(True)
+    # the clamp binds, so the anchor matters: the MLP output is several times smaller than the residual
+    assert torch.linalg.norm(targets["residual"] - targets["mlp_output"]) > 1.0
