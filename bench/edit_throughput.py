@@ -1,14 +1,20 @@
-"""Edit throughput: facts/second and peak memory per batch size, batched v* vs. a per-fact loop.
+"""Edit throughput: the batched engine against the reference's per-fact v*, with the quality of both.
 
-The batched editor shares every forward/backward pass of the v* optimisation
-between the facts of a batch; the loop runs the very same code one fact at a
-time. Their ratio is what batching buys. The batched v* time is the one the
-edit itself records (``BatchEdit.seconds["v_star"]``), so each size runs its
-optimisation once. The loop is timed once, on ``--loop-facts`` facts (its cost
-is linear in the number of facts and does not depend on B), so that large batch
-sizes stay affordable on a CPU.
+For each batch size B, on the first B facts of ``--data``:
 
-    python bench/edit_throughput.py --sizes 1,8,32,128 --algo emmet
+* **naive**: the reference's v* (MEMIT/UME ``compute_z``, 25 steps, the bare
+  prompt and 5 prefixes of 10 tokens, whole-model passes, one fact at a time;
+  ``bench/naive_reference.py``), then the same solve as the engine's;
+* **engine**: ``Editor.apply`` with the model's tuned hyperparameters (only the
+  blocks above the edit layer per step, rewrite and KL rows batched over facts,
+  early stopping per fact).
+
+Both edit the same facts from the same model state with the same objective, and
+ES/PS/NS are measured after each, so the speed-up is reported next to what
+it costs in quality. The naive rate does not depend on B, so it is measured
+once, on the facts of the largest B not above ``--naive-facts``.
+
+    python bench/edit_throughput.py --sizes 1,8,32,128 --naive-facts 32
 """
 
 from __future__ import annotations
@@ -25,13 +31,19 @@ from typing import Callable, TypeVar
 import torch
 
 from editing.config import hparams_key_for, load_edit_config
+from editing.distribution import distribute
 from editing.editor import Editor
+from editing.evaluation import counterfact_metrics
 from editing.facts import fact_from_record
-from editing.keys_values import compute_value_targets
+from editing.keys_values import build_rewrite_rows
 from editing.models import load_model
+from editing.runtime import Runtime
+from naive_reference import naive_z, reference_prefixes
 
 T = TypeVar("T")
-COUNTERFACT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "counterfact" / "counterfact-1000.json"
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "counterfact"
+TRAIN = DATA / "counterfact-easyedit-train.json"
+QUALITY = ("es", "ps", "ns")
 
 
 class PeakMemory:
@@ -82,50 +94,80 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="1,8,32,128")
     parser.add_argument("--algo", default="emmet", choices=("memit", "emmet"))
+    parser.add_argument("--data", type=Path, default=TRAIN)
+    parser.add_argument("--offset", type=int, default=2000, help="first record (default: outside the tuning slice)")
+    parser.add_argument("--naive-facts", type=int, default=32, help="facts the naive loop edits (largest B ≤ this)")
     parser.add_argument("--model", default=None)
-    parser.add_argument("--loop-facts", type=int, default=8, help="facts timed in the per-fact loop")
     parser.add_argument("--device", default=None)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
-    adapter = load_model(args.model, device=args.device)
+    runtime = Runtime(device=args.device)
+    threads = runtime.apply_threads()
+    adapter = load_model(args.model, device=runtime.torch_device, dtype=runtime.model_dtype)
     config = load_edit_config(hparams_key_for(adapter.name), args.algo)
-    records = json.loads(COUNTERFACT.read_text())
-    editor = Editor.prepare(adapter, config)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    records = json.loads(args.data.read_text())[args.offset:args.offset + max(sizes)]
+    all_facts = [fact_from_record(record, args.offset + i) for i, record in enumerate(records)]
+    editor = Editor.prepare(adapter, config, runtime=runtime)
     original = adapter.snapshot(list(editor.layers))
     device = adapter.device
-    # The per-fact loop's rate does not depend on B: measure it once, on the first facts.
-    loop_facts = [fact_from_record(r) for r in records[: args.loop_facts]]
-    _, loop_seconds, loop_peak = timed(device, lambda: [compute_value_targets(
-        adapter, [fact], editor.layers[-1], editor.prefixes, config.values) for fact in loop_facts])
+
+    naive_size = max([size for size in sizes if size <= args.naive_facts], default=min(sizes))
+    naive = naive_edit(adapter, editor, all_facts[:naive_size], device)
+    adapter.restore(original)
     rows = []
-    for size in (int(s) for s in args.sizes.split(",")):
-        facts = [fact_from_record(r) for r in records[:size]]
+    for size in sizes:
+        facts = all_facts[:size]
         adapter.restore(original)
-        edit, batch_seconds, batch_peak = timed(device, lambda: editor.apply(facts))
-        v_star_seconds = edit.seconds["v_star"]
-        row = {
-            "batch_size": size,
-            "facts_per_s_edit": size / batch_seconds,
-            "v_star_facts_per_s_batched": size / v_star_seconds,
-            "v_star_facts_per_s_loop": len(loop_facts) / loop_seconds,
-            "speedup_v_star": (size / v_star_seconds) / (len(loop_facts) / loop_seconds),
-            "seconds_edit": batch_seconds,
-            "seconds_solve": edit.seconds["solve"],
-            "peak_mib_batched_edit": batch_peak / 2**20,
-            "peak_mib_loop": loop_peak / 2**20,
-        }
+        edit, seconds, peak = timed(device, lambda: editor.apply(facts))
+        quality = counterfact_metrics(adapter, facts).metrics()
+        row = {"batch_size": size, "engine_facts_per_s": size / seconds, "engine_v_star_facts_per_s":
+               size / edit.seconds["v_star"], "naive_facts_per_s": naive["facts_per_s"],
+               "speedup": (size / seconds) / naive["facts_per_s"], "engine_steps_mean": float(edit.values.steps.float().mean()),
+               "engine_stop_reasons": {r: edit.values.stop_reasons.count(r) for r in set(edit.values.stop_reasons)},
+               "engine_peak_mib": peak / 2**20, **{f"engine_{k}": quality.get(k) for k in QUALITY}}
+        if size == naive_size:
+            row.update({f"naive_{k}": naive["quality"].get(k) for k in QUALITY})
         rows.append(row)
         if not args.json:
-            print(f"B={size:4d}  edit {row['facts_per_s_edit']:7.3f} facts/s  |  v* batched "
-                  f"{row['v_star_facts_per_s_batched']:7.3f} vs loop {row['v_star_facts_per_s_loop']:7.3f} facts/s "
-                  f"(x{row['speedup_v_star']:.2f})  |  peak {row['peak_mib_batched_edit']:8.0f} MiB batched, "
-                  f"{row['peak_mib_loop']:8.0f} MiB loop", flush=True)
+            both = (f"  |  ES/PS/NS engine {_q(quality)}  naive {_q(naive['quality'])}" if size == naive_size else
+                    f"  |  ES/PS/NS engine {_q(quality)}")
+            print(f"B={size:4d}  engine {row['engine_facts_per_s']:7.3f} facts/s (v* steps {row['engine_steps_mean']:.1f}) "
+                  f"vs naive {naive['facts_per_s']:7.3f} facts/s: x{row['speedup']:.1f}{both}  "
+                  f"peak {row['engine_peak_mib']:.0f} MiB", flush=True)
     adapter.restore(original)
+    summary = {"device": str(device), "threads": threads, "algorithm": args.algo, "layers": list(editor.layers),
+               "naive": {k: v for k, v in naive.items() if k != "z"}, "naive_facts": naive_size, "rows": rows}
     if args.json:
-        print(json.dumps({"device": str(device), "algorithm": args.algo, "layers": list(editor.layers),
-                          "rows": rows}))
+        print(json.dumps(summary))
     return 0
+
+
+def naive_edit(adapter, editor: Editor, facts: list, device: torch.device) -> dict:
+    """The reference's per-fact v* for ``facts``, then the engine's own solve of those targets."""
+    model, tokenizer = adapter.model, adapter.tokenizer
+    prefixes = reference_prefixes(model, tokenizer)
+    requires_grad = [p.requires_grad for p in model.parameters()]
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    block = adapter.block(editor.layers[-1])
+    params = editor.config.values
+    try:
+        targets, seconds, _ = timed(device, lambda: torch.stack([naive_z(
+            model, tokenizer, block, fact.subject, fact.prompt, fact.target_new, prefixes,
+            clamp_norm_factor=params.clamp_norm_factor, kl_factor=params.kl_factor,
+            weight_decay=params.weight_decay).float().cpu() for fact in facts]))
+    finally:
+        for parameter, flag in zip(model.parameters(), requires_grad):
+            parameter.requires_grad_(flag)
+    rows = build_rewrite_rows(adapter, facts, tuple(prefixes), with_targets=False)
+    distribute(adapter, rows, targets, editor.layers, editor.distribution, editor.solver)
+    return {"facts_per_s": len(facts) / seconds, "seconds": seconds, "quality": counterfact_metrics(adapter, facts).metrics()}
+
+
+def _q(metrics: dict) -> str:
+    return "/".join(f"{metrics.get(k, float('nan')):.3f}" for k in QUALITY)
 
 
 if __name__ == "__main__":

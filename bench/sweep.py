@@ -26,7 +26,8 @@ import time
 from pathlib import Path
 
 from editing.config import EditConfig, hparams_key_for, load_edit_config
-from editing.distribution import distribute, get_distribution
+from editing.editor import null_spaces_for
+from editing.distribution import LayerSolver, distribute, get_distribution
 from editing.evaluation import counterfact_metrics
 from editing.facts import fact_from_record
 from editing.keys_values import ValueTargets, build_rewrite_rows, compute_value_targets
@@ -75,17 +76,19 @@ def main() -> int:
         values_seconds = time.perf_counter() - started
         values = value_cache[value_key]
         rows = build_rewrite_rows(adapter, facts, prefixes, with_targets=False)
-        updates = distribute(adapter, rows, len(facts), values.z, layers, get_distribution(config.distribution),
-                             config.algorithm, {l: moments[l].to(adapter.device) for l in layers}, config.objective)
+        solver = LayerSolver(config.algorithm, config.objective, {l: moments[l].to(adapter.device) for l in layers},
+                             null_spaces=null_spaces_for(adapter, config))
+        updates = distribute(adapter, rows, values.z, layers, get_distribution(config.distribution), solver)
         solve_seconds = time.perf_counter() - started - values_seconds
         post = counterfact_metrics(adapter, facts).metrics()
         norms = [round(float((u.delta.u @ u.delta.v.T).norm()), 2) for u in updates]
         memorization = [round(u.memorization, 3) for u in updates]
         adapter.restore(original)
         print(f"{json.dumps(overrides):70s} {table_row(post)}  v*NLL {float(values.final_nll.mean()):.3f}  "
-              f"|ΔW| {norms}  mem {memorization}  {time.perf_counter() - started:.0f}s", flush=True)
+              f"steps {float(values.steps.float().mean()):.1f}  |ΔW| {norms}  mem {memorization}  "
+              f"v* {values_seconds:.0f}s  total {time.perf_counter() - started:.0f}s", flush=True)
         results.append({"overrides": overrides, "config": config.to_dict(), "post": post, "delta_norms": norms,
-                        "memorization": memorization,
+                        "memorization": memorization, "v_star_steps": float(values.steps.float().mean()),
                         "seconds": {"stats_and_v_star": values_seconds, "keys_and_solve": solve_seconds}})
     if args.json:
         print(json.dumps({"data": str(args.data), "n_facts": len(facts), "offset": args.offset, "pre": pre,

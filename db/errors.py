@@ -32,3 +32,8 @@ class BatchStateError(LedgerError):
 
 class LedgerIntegrityError(LedgerError):
     """Replayed or checkpointed weights do not match the sha256 the ledger recorded."""
+
+
+class RequestLostError(LedgerError):
+    """A worker finished an evaluation request it no longer holds (its lease ran out and another worker
+    claimed the request, or the request is done already); its result is discarded."""

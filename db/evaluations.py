@@ -18,7 +18,8 @@ from sqlalchemy.orm import Session
 
 from db.engine import transaction
 from db.errors import BatchStateError
-from db.models import AlarmRecord, BatchRecord, BatchStatus, EvaluationRecord, EvaluationStatus, MetricRecord
+from db.models import EVALUATION_KINDS, AlarmRecord, BatchRecord, BatchStatus, EvaluationRecord, EvaluationStatus, MetricRecord
+from db.evaluation_requests import complete_request
 from db.runs import load_run
 
 
@@ -30,23 +31,49 @@ class Metric(NamedTuple):
     split: str = "all"
 
 
-def record_evaluation(engine: Engine, run_id: int, seq: int, metrics: Iterable[Metric | tuple],
-                      duration_s: float | None = None) -> int:
-    """Store an evaluation of ``run_id`` at point ``seq`` with its metrics; returns its id.
+class AlarmRow(NamedTuple):
+    """A collapse alarm to record with the evaluation that raised it (see :func:`record_alarm` for the fields)."""
 
+    rule: str
+    metric: str
+    value: float | None
+    baseline: float | None
+    threshold: float | None
+    action: str
+    message: str
+
+
+def record_evaluation(engine: Engine, run_id: int, seq: int, metrics: Iterable[Metric | tuple],
+                      duration_s: float | None = None, kind: str = "full", alarms: Iterable[AlarmRow] = (),
+                      request: tuple[int, str] | None = None) -> int:
+    """Store an evaluation of ``run_id`` at point ``seq`` with its metrics and the alarms it raised, in one
+    transaction; returns its id.
+
+    ``kind`` is ``full`` (an evaluation point) or ``health`` (the cheap check after a batch).
+    ``request`` = (evaluation request id, worker) completes that request in the same transaction, so a
+    request is ``done`` exactly when its metrics exist — and if the worker lost its claim meanwhile
+    (:class:`db.errors.RequestLostError`), nothing is recorded and the point is not recorded twice.
     NaN values are stored as NULL (SQLite cannot store NaN) and read back as NaN.
     """
+    if kind not in EVALUATION_KINDS:
+        raise ValueError(f"evaluation kind must be one of {EVALUATION_KINDS}, got {kind!r}")
     rows = [Metric(*metric) for metric in metrics]
     with transaction(engine, write=True) as session:
         batch_id = _point(session, run_id, seq)
         evaluation = EvaluationRecord(run_id=run_id, batch_id=batch_id, status=EvaluationStatus.ACTIVE,
-                                      duration_s=duration_s)
+                                      duration_s=duration_s, kind=kind)
         session.add(evaluation)
         session.flush()
         if rows:
             session.execute(insert(MetricRecord), [
                 {"evaluation_id": evaluation.id, "name": row.name, "split": row.split, "value": _number(row.value)}
                 for row in rows])
+        session.add_all(AlarmRecord(run_id=run_id, batch_id=batch_id, evaluation_id=evaluation.id, rule=alarm.rule,
+                                    metric=alarm.metric, value=_number(alarm.value), baseline=_number(alarm.baseline),
+                                    threshold=_number(alarm.threshold), action=alarm.action, message=alarm.message)
+                        for alarm in alarms)
+        if request is not None:
+            complete_request(session, *request, evaluation_id=evaluation.id)
         return evaluation.id
 
 

@@ -77,17 +77,22 @@ def batches_frame(engine: Engine, run_id: int) -> pd.DataFrame:
     return frame.join(timings.add_prefix(TIMING_PREFIX)).join(memorization.add_prefix(MEMORIZATION_PREFIX))
 
 
-def metrics_frame(engine: Engine, run_id: int, include_rolled_back: bool = False) -> pd.DataFrame:
-    """A run's metric values in long format: (seq, name, split, value), by seq then evaluation."""
+def metrics_frame(engine: Engine, run_id: int, include_rolled_back: bool = False,
+                  kind: str | None = None) -> pd.DataFrame:
+    """A run's metric values in long format: (seq, name, split, value, kind), by seq then evaluation;
+    ``kind`` keeps only ``full`` evaluations or only ``health`` checks."""
     seq = func.coalesce(BatchRecord.seq, 0).label("seq")
     query = (select(EvaluationRecord.run_id, EvaluationRecord.id.label("evaluation_id"), seq, MetricRecord.name,
-                    MetricRecord.split, MetricRecord.value, EvaluationRecord.status, EvaluationRecord.created_at)
+                    MetricRecord.split, MetricRecord.value, EvaluationRecord.status, EvaluationRecord.created_at,
+                    EvaluationRecord.kind)
              .join(MetricRecord, MetricRecord.evaluation_id == EvaluationRecord.id)
              .outerjoin(BatchRecord, EvaluationRecord.batch_id == BatchRecord.id)
              .where(EvaluationRecord.run_id == run_id)
              .order_by(seq, EvaluationRecord.id, MetricRecord.id))
     if not include_rolled_back:
         query = query.where(EvaluationRecord.status == EvaluationStatus.ACTIVE)
+    if kind is not None:
+        query = query.where(EvaluationRecord.kind == kind)
     frame = _frame(engine, query)
     frame["value"] = frame["value"].astype(float)
     return frame
@@ -97,7 +102,7 @@ def evaluations_frame(engine: Engine, run_id: int, include_rolled_back: bool = F
     """A run's evaluations (one row each): where in the history, how long they took, their status."""
     seq = func.coalesce(BatchRecord.seq, 0).label("seq")
     query = (select(EvaluationRecord.id.label("evaluation_id"), seq, EvaluationRecord.status,
-                    EvaluationRecord.duration_s, EvaluationRecord.created_at)
+                    EvaluationRecord.duration_s, EvaluationRecord.created_at, EvaluationRecord.kind)
              .outerjoin(BatchRecord, EvaluationRecord.batch_id == BatchRecord.id)
              .where(EvaluationRecord.run_id == run_id).order_by(seq, EvaluationRecord.id))
     if not include_rolled_back:
@@ -110,7 +115,7 @@ def evaluations_frame(engine: Engine, run_id: int, include_rolled_back: bool = F
 def alarms_frame(engine: Engine, run_id: int) -> pd.DataFrame:
     """Every collapse alarm of a run, in the order raised."""
     seq = func.coalesce(BatchRecord.seq, 0).label("seq")
-    query = (select(AlarmRecord.id.label("alarm_id"), seq, AlarmRecord.evaluation_id, AlarmRecord.rule,
+    query = (select(AlarmRecord.id.label("alarm_id"), seq, AlarmRecord.batch_id, AlarmRecord.evaluation_id, AlarmRecord.rule,
                     AlarmRecord.metric, AlarmRecord.value, AlarmRecord.baseline, AlarmRecord.threshold,
                     AlarmRecord.action, AlarmRecord.message, AlarmRecord.created_at)
              .outerjoin(BatchRecord, AlarmRecord.batch_id == BatchRecord.id)
@@ -154,6 +159,13 @@ def applied_facts(engine: Engine, run_id: int, before_seq: int | None = None) ->
         query = query.where(BatchRecord.seq < before_seq)
     with Session(engine) as session:
         return [(row.id, row.to_fact()) for row in session.scalars(query)]
+
+
+def applied_count(engine: Engine, run_id: int) -> int:
+    """How many facts the run's current history (its applied batches) holds."""
+    with engine.connect() as connection:
+        return int(connection.execute(select(func.coalesce(func.sum(BatchRecord.n_facts), 0)).where(
+            BatchRecord.run_id == run_id, BatchRecord.status == BatchStatus.APPLIED)).scalar_one())
 
 
 def batch_facts(engine: Engine, run_id: int, seq: int) -> list[Fact]:

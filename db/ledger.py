@@ -48,7 +48,7 @@ from db.models import (ACTIVE_BATCH_STATUSES, EDITABLE_FACT_STATUSES, BatchFact,
                        WeightDelta, utcnow)
 from db.replay import applied_head, expected_hashes, weights_at
 from db.runs import RunInfo, get_run
-from db.tensors import delta_to_bytes, weight_to_bytes
+from db.tensors import delta_to_bytes, keys_to_bytes, weight_to_bytes
 from editing.delta import LowRankDelta, weight_sha256
 from editing.facts import Fact
 
@@ -158,7 +158,8 @@ class RunWriter:
     def commit_batch(self, batch: ClaimedBatch, deltas: Mapping[int, LowRankDelta], layer_sha256: Mapping[int, str],
                      timings: Mapping[str, float] | None = None,
                      checkpoint: Mapping[int, torch.Tensor] | None = None,
-                     diagnostics: Mapping[str, Any] | None = None) -> None:
+                     diagnostics: Mapping[str, Any] | None = None,
+                     keys: Mapping[int, torch.Tensor] | None = None) -> None:
         """Record ``batch`` as applied, in one transaction.
 
         ``deltas`` and ``layer_sha256`` (the :func:`weight_sha256` of each layer
@@ -166,7 +167,9 @@ class RunWriter:
         ``checkpoint``, the weights of *every* edited layer after the batch, is
         required when ``batch.checkpoint_due`` and allowed at any batch; it is
         verified against the hashes the ledger implies before it is stored.
-        ``diagnostics`` (JSON) records what the edit achieved, e.g. the memorization per layer.
+        ``diagnostics`` (JSON) records what the edit achieved, e.g. the memorization per layer;
+        ``keys`` (layer → ``K_E``, d_in × B) the keys each layer was solved for, from which the
+        run's edit memory is rebuilt (:func:`db.replay.edit_memory_at`).
         """
         self._check_batch(batch)
         if set(deltas) != set(layer_sha256):
@@ -179,8 +182,14 @@ class RunWriter:
                              f"batches): pass the weights of layers {self.run.layers}")
         if checkpoint is not None and set(checkpoint) != set(self.run.layers):
             raise ValueError(f"a checkpoint holds every edited layer {self.run.layers}, got {sorted(checkpoint)}")
+        if keys is not None and set(keys) != set(deltas):
+            raise ValueError(f"keys for layers {sorted(keys)} but deltas for {sorted(deltas)}")
+        stored_keys = {layer: keys_to_bytes(k) for layer, k in (keys or {}).items()}
         delta_rows = [{"batch_id": batch.id, "layer": layer, "rank": delta.rank, "factors": delta_to_bytes(delta),
-                       "sha256_after": layer_sha256[layer]} for layer, delta in sorted(deltas.items())]
+                       "sha256_after": layer_sha256[layer],
+                       "keys": stored_keys[layer][0] if layer in stored_keys else None,
+                       "keys_sha256": stored_keys[layer][1] if layer in stored_keys else None}
+                      for layer, delta in sorted(deltas.items())]
         snapshot = {layer: (weight_to_bytes(weight), weight_sha256(weight))
                     for layer, weight in (checkpoint or {}).items()}
         with transaction(self.engine, write=True) as session:

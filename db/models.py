@@ -70,6 +70,7 @@ class EvaluationStatus(StrEnum):
 
 
 FACT_POOLS = ("shared", "private")
+EVALUATION_KINDS = ("full", "health")
 
 EDITABLE_FACT_STATUSES = (FactStatus.PENDING, FactStatus.CLAIMED, FactStatus.APPLIED, FactStatus.ROLLED_BACK)
 """Statuses of valid, canonical facts (not rejected, not duplicates): what a private pool draws from."""
@@ -289,6 +290,9 @@ class WeightDelta(Base):
     factors: Mapped[bytes] = mapped_column(LargeBinary)
     """safetensors bytes holding ``u`` (d_out × r) and ``v`` (d_in × r)."""
     sha256_after: Mapped[str] = mapped_column(String(64))
+    keys: Mapped[bytes | None] = mapped_column(LargeBinary)
+    """safetensors bytes holding ``k``, the batch's keys at this layer (d_in × B, float32): the edit memory's share."""
+    keys_sha256: Mapped[str | None] = mapped_column(String(64))
 
     __table_args__ = (UniqueConstraint("batch_id", "layer"),)
 
@@ -325,6 +329,10 @@ class EvaluationRecord(Base):
     rollback_id: Mapped[int | None] = mapped_column(ForeignKey("rollbacks.id"))
     duration_s: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    kind: Mapped[str] = mapped_column(String(16), server_default="full")
+    """``full``: an evaluation point; ``health``: the cheap check after a batch (see ``EVALUATION_KINDS``)."""
+
+    __table_args__ = (CheckConstraint(f"kind IN {EVALUATION_KINDS}", name="known_kind"),)
 
 
 class MetricRecord(Base):
@@ -358,3 +366,39 @@ class AlarmRecord(Base):
     action: Mapped[str] = mapped_column(String(64))
     message: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class RequestStatus(StrEnum):
+    PENDING = "pending"
+    """Submitted (or due to be), not claimed by a worker yet — or claimed by one whose lease ran out."""
+    RUNNING = "running"
+    """Claimed by a worker, which renews ``lease_until`` while it evaluates."""
+    DONE = "done"
+    """The evaluation is recorded (``evaluation_id``), in the transaction that set this status."""
+    FAILED = "failed"
+    """The evaluation raised; the batch may be requested again."""
+
+
+class EvaluationRequest(Base):
+    """An evaluation point handed to another process (``eval_mode: async``), tracked until its metrics are in."""
+
+    __tablename__ = "evaluation_requests"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), index=True)
+    batch_id: Mapped[int] = mapped_column(ForeignKey("batches.id"))
+    status: Mapped[RequestStatus] = mapped_column(_status(RequestStatus, "request_status"))
+    attempts: Mapped[int] = mapped_column(Integer, server_default="0")
+    """How many times a worker claimed it (more than one: a worker died or failed before finishing)."""
+    flow_run_id: Mapped[str | None] = mapped_column(String(64))
+    """The Prefect flow run last submitted for it."""
+    worker: Mapped[str | None] = mapped_column(String(200))
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    evaluation_id: Mapped[int | None] = mapped_column(ForeignKey("evaluations.id"))
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+    __table_args__ = (
+        Index("uq_evaluation_requests_batch_id", "batch_id", unique=True, **_partial("status <> 'failed'")),
+    )

@@ -13,6 +13,8 @@ with the deltas is caught as well as a corrupted delta.
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 from sqlalchemy import Engine, and_, func, or_, select
 from sqlalchemy.orm import Session
@@ -21,8 +23,9 @@ from db.engine import transaction
 from db.errors import BatchStateError, LedgerIntegrityError
 from db.models import BatchRecord, BatchStatus, Checkpoint, WeightDelta
 from db.runs import load_run
-from db.tensors import delta_from_bytes, weight_from_bytes
+from db.tensors import delta_from_bytes, keys_from_bytes, weight_from_bytes
 from editing.delta import apply_delta, weight_sha256
+from editing.memory import Devices, EditMemory
 
 REPLAY_FETCH_ROWS = 8
 """Delta rows fetched at a time while replaying: bounds memory for large layers."""
@@ -119,3 +122,35 @@ def _nearest_checkpoint(session: Session, run_id: int, seq: int) -> tuple[int, d
                                        f"does not match its recorded sha256 {sha}")
         weights[layer] = weight
     return start_seq, weights
+
+
+def edit_memory_at(engine: Engine, run_id: int, seq: int, devices: Devices = "cpu") -> EditMemory:
+    """The run's edit memory after applied batch ``seq``: ``S = Σ K_p K_pᵀ`` per layer over batches
+    ``1..seq``, in batch order, from the stored keys (each checked against its sha256) — the sum the live
+    run computed, bit for bit. Batches rolled back are not in it."""
+    with transaction(engine) as session:
+        load_run(session, run_id)
+        _require_applied(session, run_id, seq)
+        rows = session.execute(
+            select(BatchRecord.seq, WeightDelta.layer, WeightDelta.keys, WeightDelta.keys_sha256)
+            .join(BatchRecord, WeightDelta.batch_id == BatchRecord.id)
+            .where(BatchRecord.run_id == run_id, BatchRecord.status == BatchStatus.APPLIED, BatchRecord.seq <= seq)
+            .order_by(BatchRecord.seq, WeightDelta.layer)
+            .execution_options(yield_per=REPLAY_FETCH_ROWS)).tuples()
+        memory = EditMemory()
+        batch_seq, batch_keys = None, {}
+        for row_seq, layer, blob, sha in rows:
+            if row_seq != batch_seq and batch_keys:
+                memory.add(batch_keys, devices)
+                batch_keys = {}
+            batch_seq = row_seq
+            if blob is None:
+                raise LedgerIntegrityError(f"run {run_id}: batch {row_seq} has no keys stored for layer {layer}; "
+                                           "its edit memory cannot be rebuilt (recorded before ledgers kept keys?)")
+            if hashlib.sha256(bytes(blob)).hexdigest() != sha:
+                raise LedgerIntegrityError(f"run {run_id}: the keys of batch {row_seq} at layer {layer} do not match "
+                                           f"their recorded sha256 {sha}")
+            batch_keys[layer] = keys_from_bytes(blob)
+        if batch_keys:
+            memory.add(batch_keys, devices)
+    return memory

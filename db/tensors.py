@@ -6,6 +6,7 @@ cannot execute code when loaded, unlike pickle; bytes go into a BLOB/bytea.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Mapping
 
 import torch
@@ -39,3 +40,13 @@ def weight_to_bytes(weight: torch.Tensor) -> bytes:
 
 def weight_from_bytes(data: bytes) -> torch.Tensor:
     return tensors_from_bytes(data)["weight"]
+
+
+def keys_to_bytes(keys: torch.Tensor) -> tuple[bytes, str]:
+    """A batch's keys at one layer (d_in × B) as float32 safetensors bytes, and their sha256."""
+    blob = tensors_to_bytes({"k": keys.to(torch.float32)})
+    return blob, hashlib.sha256(blob).hexdigest()
+
+
+def keys_from_bytes(data: bytes) -> torch.Tensor:
+    return tensors_from_bytes(data)["k"]

@@ -16,13 +16,14 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 
 from editing.config import ObjectiveParams
 from editing.delta import LowRankDelta, apply_delta
 from editing.keys_values import RewriteRows, compute_keys
+from editing.memory import EditMemory
 from editing.models.adapter import ModelAdapter
 from editing.objectives import memorization, solve
 
@@ -85,11 +86,33 @@ class LayerUpdate:
     """Mean norm of the residual assigned to this layer (diagnostic)."""
     memorization: float
     """Share of the assigned residual the update writes: ``1 − ‖Ŵ K_E − V_E‖ / ‖R‖`` (1: exact)."""
+    keys: torch.Tensor
+    """``K_E`` as solved for (d_in × B, float32, CPU): what the edit memory adds and the ledger keeps."""
 
 
-def distribute(adapter: ModelAdapter, rows: RewriteRows, n_facts: int, targets: torch.Tensor,
-               layers: tuple[int, ...], distribution: EditDistribution, algorithm: str,
-               second_moments: dict[int, torch.Tensor], params: ObjectiveParams,
+@dataclass(frozen=True)
+class LayerSolver:
+    """Everything a layer's solve needs besides the batch: the objective, its weights, the preserved
+    keys' statistics per layer, the dtype the linear algebra runs in (float64 by default, whatever the
+    model's dtype), and — for the objectives that use them — the run's edit memory and ``C0``'s null spaces."""
+
+    algorithm: str
+    params: ObjectiveParams
+    second_moments: Mapping[int, torch.Tensor]
+    dtype: torch.dtype = torch.float64
+    memory: EditMemory | None = None
+    null_spaces: Mapping[int, torch.Tensor] | None = None
+
+    def solve(self, layer: int, weight: torch.Tensor, k_e: torch.Tensor, v_e: torch.Tensor) -> LowRankDelta:
+        memory = self.memory.at(layer) if self.memory is not None else None
+        null_space = self.null_spaces[layer] if self.null_spaces is not None else None
+        return solve(self.algorithm, weight, self.second_moments[layer], k_e, v_e, self.params, dtype=self.dtype,
+                     edit_memory=None if memory is None else memory.to(weight.device),
+                     null_space=null_space)
+
+
+def distribute(adapter: ModelAdapter, rows: RewriteRows, targets: torch.Tensor, layers: tuple[int, ...],
+               distribution: EditDistribution, solver: LayerSolver,
                on_layer: Callable[[LayerUpdate, float], None] | None = None) -> list[LayerUpdate]:
     """Spread target residuals ``targets`` (B × d, at the last layer) over ``layers``, applying
     each layer's update to the model as it goes. ``on_layer`` is called after each layer is
@@ -98,16 +121,16 @@ def distribute(adapter: ModelAdapter, rows: RewriteRows, n_facts: int, targets: 
     target_layer = edit_layers[-1]
     updates = []
     for step, layer in enumerate(edit_layers):
-        keys, current = compute_keys(adapter, rows, layer, n_facts, residual_layer=target_layer)
+        keys, current = compute_keys(adapter, rows, layer, len(targets), residual_layer=target_layer)
         residual = (targets - current) * distribution.residual_share(step, len(edit_layers))
         started = time.perf_counter()
         weight = adapter.weight(layer)
-        k_e = keys.T.to(weight.device, torch.float64)
-        v_e = weight.detach().to(torch.float64) @ k_e + residual.T.to(weight.device, torch.float64)
-        delta = solve(algorithm, weight, second_moments[layer], k_e, v_e, params)
+        k_e = keys.T.to(weight.device, solver.dtype)
+        v_e = weight.detach().to(solver.dtype) @ k_e + residual.T.to(weight.device, solver.dtype)
+        delta = solver.solve(layer, weight, k_e, v_e)
         achieved = memorization(weight, k_e, v_e, delta)
         apply_delta(weight, delta)
-        update = LayerUpdate(layer, delta, float(residual.norm(dim=1).mean()), achieved)
+        update = LayerUpdate(layer, delta, float(residual.norm(dim=1).mean()), achieved, keys.T.contiguous())
         updates.append(update)
         if on_layer is not None:
             on_layer(update, time.perf_counter() - started)

@@ -18,13 +18,15 @@ from typing import Callable
 import torch
 
 from editing.config import EditConfig
-from editing.distribution import LayerUpdate, distribute, get_distribution
+from editing.distribution import LayerSolver, LayerUpdate, distribute, get_distribution
 from editing.facts import Fact
 from editing.keys_values import ValueTargets, build_rewrite_rows, compute_value_targets
 from editing.models.adapter import ModelAdapter
 from editing.objectives import get_objective
 from editing.prefixes import generate_prefixes
-from editing.stats import second_moments
+from editing.runtime import Runtime
+from editing.memory import EditMemory
+from editing.stats import null_space_bases, second_moments
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,11 @@ class BatchEdit:
     seconds: dict[str, float] = field(default_factory=dict)
     """``keys_values`` (v* plus the keys of every layer), ``solve``, and ``v_star``: the part of
     ``keys_values`` spent in the v* optimisation, the step that batching is meant to amortise."""
+
+    @property
+    def keys(self) -> dict[int, torch.Tensor]:
+        """Layer → ``K_E`` as solved for (d_in × B, float32): what the edit memory and the ledger keep."""
+        return {update.layer: update.keys for update in self.updates}
 
     @property
     def memorization(self) -> dict[int, float]:
@@ -61,14 +68,27 @@ class Editor:
     """
 
     def __init__(self, adapter: ModelAdapter, config: EditConfig, second_moments: dict[int, torch.Tensor],
-                 prefixes: tuple[str, ...]) -> None:
+                 prefixes: tuple[str, ...], runtime: Runtime | None = None, memory: EditMemory | None = None,
+                 null_spaces: dict[int, torch.Tensor] | None = None) -> None:
         self.adapter = adapter
         self.config = config
+        self.runtime = runtime or Runtime()
         self.distribution = get_distribution(config.distribution)
         self.objective = get_objective(config.algorithm)
         self.layers = self.distribution.edit_layers(config.layers)
-        # Solved on the model's device: a 1536² (SmolLM2) or 11008² (Llama-2-7b) system in float64.
-        self.second_moments = {layer: c0.to(adapter.device) for layer, c0 in second_moments.items()}
+        adapter.check_resident(self.layers)  # an offloaded layer (device_map) has no weights to write into
+        if self.objective.needs_null_space and null_spaces is None:
+            raise ValueError(f"{config.algorithm} needs the null spaces of C0 (Editor.prepare computes them)")
+        if memory is None and self.objective.uses_edit_memory(config.objective):
+            memory = EditMemory()
+        # Each layer is solved on its own device — the one its matrix is on, which differs between layers
+        # of a model dispatched over several (device_map): a 1536² (SmolLM2) or 11008² (Llama-2-7b) system
+        # in float64.
+        moments = {layer: c0.to(adapter.weight(layer).device) for layer, c0 in second_moments.items()}
+        if null_spaces is not None:
+            null_spaces = {layer: basis.to(adapter.weight(layer).device) for layer, basis in null_spaces.items()}
+        self.solver = LayerSolver(config.algorithm, config.objective, moments, self.runtime.solve_torch_dtype,
+                                  memory, null_spaces)
         self.prefixes = prefixes
         self.prepare_seconds: dict[str, float] = {}
         """Time :meth:`prepare` spent on statistics and on generating prefixes."""
@@ -76,17 +96,38 @@ class Editor:
             adapter.block(layer)  # validates the layer index
 
     @classmethod
-    def prepare(cls, adapter: ModelAdapter, config: EditConfig, prefixes: tuple[str, ...] | None = None) -> "Editor":
+    def prepare(cls, adapter: ModelAdapter, config: EditConfig, prefixes: tuple[str, ...] | None = None,
+                runtime: Runtime | None = None) -> "Editor":
         """Load (or compute once and cache) ``C0`` for the edit layers and fix the prefixes."""
         layers = get_distribution(config.distribution).edit_layers(config.layers)
+        adapter.check_resident(layers)  # before the statistics, the expensive part
         started = time.perf_counter()
         moments = second_moments(adapter, list(layers), config.stats)
+        null_spaces = null_spaces_for(adapter, config)
         stats_done = time.perf_counter()
         if prefixes is None:
             prefixes = generate_prefixes(adapter, config.values.n_prefixes, config.values.prefix_tokens)
-        editor = cls(adapter, config, moments, prefixes)
+        editor = cls(adapter, config, moments, prefixes, runtime, null_spaces=null_spaces)
         editor.prepare_seconds = {"stats": stats_done - started, "keys_values": time.perf_counter() - stats_done}
         return editor
+
+    @property
+    def memory(self) -> EditMemory | None:
+        """The edit memory the objective reads (None when it reads none)."""
+        return self.solver.memory
+
+    def memory_devices(self) -> dict[int, torch.device]:
+        """Where each layer's edit memory lives: with the layer's weight, where it is solved."""
+        return {layer: self.adapter.layer_device(layer) for layer in self.layers}
+
+    def remember(self, edit: BatchEdit) -> None:
+        """Add an applied (and, in a run, committed) batch's keys to the edit memory, if there is one.
+
+        Separate from :meth:`apply` so that a batch whose ledger commit fails leaves the
+        memory as untouched as the weights.
+        """
+        if self.solver.memory is not None:
+            self.solver.memory.add(edit.keys, self.memory_devices())
 
     def check_batch(self, facts: list[Fact]) -> None:
         """Reject a batch the objective cannot take before anything is computed."""
@@ -109,7 +150,8 @@ class Editor:
 
     def _apply(self, facts: list[Fact], on_layer: Callable[[LayerUpdate], None] | None) -> BatchEdit:
         started = time.perf_counter()
-        values = compute_value_targets(self.adapter, facts, self.layers[-1], self.prefixes, self.config.values)
+        values = compute_value_targets(self.adapter, facts, self.layers[-1], self.prefixes, self.config.values,
+                                       autocast=self.runtime.autocast_dtype)
         v_star_seconds = time.perf_counter() - started
         rows = build_rewrite_rows(self.adapter, facts, self.prefixes, with_targets=False)
         solve_seconds: list[float] = []
@@ -119,10 +161,17 @@ class Editor:
             if on_layer is not None:
                 on_layer(update)
 
-        updates = distribute(self.adapter, rows, len(facts), values.z, self.layers, self.distribution,
-                             self.config.algorithm, self.second_moments, self.config.objective,
+        updates = distribute(self.adapter, rows, values.z, self.layers, self.distribution, self.solver,
                              on_layer=layer_done)
         total = time.perf_counter() - started
         seconds = {"keys_values": total - sum(solve_seconds), "solve": sum(solve_seconds), "v_star": v_star_seconds}
         log.info("edited %d facts in %.1fs (%s)", len(facts), total, seconds)
         return BatchEdit(updates, self.adapter.weights_sha256(list(self.layers)), values, seconds)
+
+
+def null_spaces_for(adapter: ModelAdapter, config: EditConfig) -> dict[int, torch.Tensor] | None:
+    """``C0``'s null-space bases for the edit layers when the objective projects onto them, else None."""
+    if not get_objective(config.algorithm).needs_null_space:
+        return None
+    layers = get_distribution(config.distribution).edit_layers(config.layers)
+    return null_space_bases(adapter, list(layers), config.stats, config.objective.nullspace_threshold)

@@ -63,8 +63,8 @@ def second_moments(adapter: ModelAdapter, layers: list[int], params: StatsParams
         with adapter.original_state():
             computed, tokens = _accumulate(adapter, missing, corpus, params, progress)
         for layer, moment in computed.items():
-            _save_atomically(paths[layer], moment, {"tokens": str(tokens), "corpus": corpus.name,
-                                                    "n_samples": str(params.n_samples)})
+            _save_atomically(paths[layer], {"c0": moment}, {"tokens": str(tokens), "corpus": corpus.name,
+                                                            "n_samples": str(params.n_samples)})
     return {layer: load_file(paths[layer])["c0"] for layer in layers}
 
 
@@ -72,14 +72,24 @@ def second_moments(adapter: ModelAdapter, layers: list[int], params: StatsParams
 def _accumulate(adapter: ModelAdapter, layers: list[int], corpus: OpenedCorpus, params: StatsParams,
                 progress: bool) -> tuple[dict[int, torch.Tensor], int]:
     texts = sample_texts(corpus.texts, params.n_samples, SAMPLE_SEED)
-    sums = {layer: torch.zeros(adapter.key_dim, adapter.key_dim, dtype=torch.float64, device=adapter.device)
+    # Each layer's sum lives where its keys arrive: on a model dispatched over several devices
+    # (device_map) that is the layer's own device, so no key crosses devices.
+    sums = {layer: torch.zeros(adapter.key_dim, adapter.key_dim, dtype=torch.float64,
+                               device=adapter.execution_device(layer))
             for layer in layers}
-    mask_holder: dict[str, torch.Tensor] = {}
+    masks: dict[torch.device, torch.Tensor] = {}
+    """The current batch's attention mask, on every device a layer has asked for it."""
+
+    def mask_on(device: torch.device) -> torch.Tensor:
+        if device not in masks:
+            masks[device] = masks[adapter.device].to(device)
+        return masks[device]
 
     def hook(layer: int):
         def add(module, args):
-            keys = args[0][mask_holder["mask"]].float()
-            sums[layer] += (keys.T @ keys).double()
+            keys = args[0][mask_on(args[0].device)].float()
+            total = sums[layer]
+            total += (keys.T @ keys).to(total.device).double()
         return add
 
     handles = [adapter.edited_module(layer).register_forward_pre_hook(hook(layer)) for layer in layers]
@@ -92,7 +102,8 @@ def _accumulate(adapter: ModelAdapter, layers: list[int], corpus: OpenedCorpus, 
             encoded = tokenizer(texts[start:start + params.batch_size], truncation=True,
                                 max_length=params.max_tokens, padding=True, return_tensors="pt")
             batch = PaddedBatch(encoded["input_ids"], encoded["attention_mask"])
-            mask_holder["mask"] = batch.attention_mask.to(adapter.device).bool()
+            masks.clear()
+            masks[adapter.device] = batch.attention_mask.to(adapter.device).bool()
             tokens += int(batch.attention_mask.sum())
             forward_until(adapter, batch, max(layers))
     finally:
@@ -104,13 +115,38 @@ def _accumulate(adapter: ModelAdapter, layers: list[int], corpus: OpenedCorpus, 
     return {layer: (total / tokens).float().cpu() for layer, total in sums.items()}, tokens
 
 
-def _save_atomically(path: Path, moment: torch.Tensor, metadata: dict[str, str]) -> None:
+def _save_atomically(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=path.stem, suffix=".tmp", dir=path.parent)
     os.close(handle)
     try:
-        save_file({"c0": moment.contiguous()}, temporary, metadata=metadata)
+        save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, temporary, metadata=metadata)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def null_space_bases(adapter: ModelAdapter, layers: list[int], params: StatsParams, threshold: float,
+                     progress: bool = True) -> dict[int, torch.Tensor]:
+    """Per layer, an orthonormal basis ``Û`` (d_in × k, float32) of ``C0``'s null space: the eigenvectors
+    whose eigenvalues are below ``threshold`` (AlphaEdit's projector is ``P = Û Ûᵀ``).
+
+    Computed once from the cached ``C0`` (a float64 eigendecomposition) and cached beside it, keyed by
+    the threshold, so a run's projector is fixed for its whole history.
+    """
+    moments = second_moments(adapter, layers, params, progress)
+    corpus = open_corpus(params.corpus)
+    bases = {}
+    for layer in layers:
+        c0_path = stats_path(adapter, layer, corpus, params)
+        path = c0_path.with_name(f"{c0_path.stem}-null{threshold:g}.safetensors")
+        if not path.exists():
+            eigenvalues, eigenvectors = torch.linalg.eigh(moments[layer].double())
+            basis = eigenvectors[:, eigenvalues < threshold].float().contiguous()
+            _save_atomically(path, {"basis": basis}, {"threshold": repr(threshold), "c0": c0_path.name,
+                                                       "dimension": str(basis.shape[1])})
+            log.info("null space of C0 at layer %d below %g: %d of %d dimensions", layer, threshold,
+                     basis.shape[1], basis.shape[0])
+        bases[layer] = load_file(path)["basis"]
+    return bases

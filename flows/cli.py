@@ -12,7 +12,8 @@ import importlib
 import logging
 import sys
 
-COMMANDS = ("demo", "init", "ingest", "run", "serve", "eval", "history", "rollback", "export", "report", "edit")
+COMMANDS = ("demo", "init", "ingest", "run", "serve", "deploy_evaluator", "eval", "history", "rollback", "export",
+            "export_model", "report", "edit")
 """Subcommand modules in :mod:`flows.commands`, in the order ``--help`` lists them."""
 
 

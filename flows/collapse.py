@@ -129,12 +129,14 @@ def detect(metrics: Mapping[str, float], baseline: Mapping[str, float], rules: t
 
 
 def last_healthy_seq(engine: Engine, run_id: int, up_to: int) -> int:
-    """The latest batch ≤ ``up_to`` whose active evaluation raised no alarm; 0 (the baseline) if none.
+    """The latest batch ≤ ``up_to`` whose active full evaluation raised no alarm; 0 (the baseline) if none.
 
-    "Healthy" needs evidence: a batch that was never evaluated is not a candidate,
-    so a rollback lands on a point whose metrics were seen to be fine.
+    "Healthy" needs evidence: a batch that was never fully evaluated is not a candidate
+    (a health check between evaluation points sees only norms and a perplexity probe),
+    so a rollback lands on a point whose metrics were all seen to be fine.
     """
     evaluations = evaluations_frame(engine, run_id)
+    evaluations = evaluations[evaluations["kind"] == "full"]
     alarmed = set(alarms_frame(engine, run_id)["evaluation_id"].dropna().astype(int))
     healthy = evaluations[~evaluations["evaluation_id"].isin(alarmed) & (evaluations["seq"] <= up_to)]
     return int(healthy["seq"].max()) if not healthy.empty else 0

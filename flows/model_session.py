@@ -9,30 +9,43 @@ starts from the same original model.
 
 from __future__ import annotations
 
+import json
 from typing import ClassVar, Iterable
 
 import torch
 
 from editing.models import DEFAULT_MODEL, ModelAdapter, load_model
+from editing.runtime import Runtime
 
 
 class ModelSession:
-    _loaded: ClassVar[dict[str, "ModelSession"]] = {}
+    _loaded: ClassVar[dict[tuple[str, str, str, str], "ModelSession"]] = {}
 
     def __init__(self, adapter: ModelAdapter) -> None:
         self.adapter = adapter
 
     @classmethod
-    def get(cls, model: str | None) -> "ModelSession":
-        """The process's session for ``model`` (loaded on first use, on CUDA when available)."""
-        key = model or DEFAULT_MODEL
+    def get(cls, model: str | None, runtime: Runtime | None = None) -> "ModelSession":
+        """The process's session for ``model`` on ``runtime``'s device (or device map) and dtype (loaded on
+        first use)."""
+        runtime = runtime or Runtime()
+        key = cls._key(model, runtime)
         if key not in cls._loaded:
-            cls._loaded[key] = cls(load_model(model))
+            if runtime.device_map is None:
+                adapter = load_model(model, dtype=runtime.model_dtype, device=runtime.torch_device)
+            else:  # placed by accelerate, not moved
+                adapter = load_model(model, dtype=runtime.model_dtype, device_map=runtime.device_map)
+            cls._loaded[key] = cls(adapter)
         return cls._loaded[key]
 
     @classmethod
-    def loaded(cls, model: str | None) -> "ModelSession | None":
-        return cls._loaded.get(model or DEFAULT_MODEL)
+    def loaded(cls, model: str | None, runtime: Runtime | None = None) -> "ModelSession | None":
+        return cls._loaded.get(cls._key(model, runtime or Runtime()))
+
+    @staticmethod
+    def _key(model: str | None, runtime: Runtime) -> tuple[str, str, str, str]:
+        placement = "" if runtime.device_map is None else json.dumps(runtime.device_map, sort_keys=True)
+        return model or DEFAULT_MODEL, str(runtime.torch_device), str(runtime.model_dtype), placement
 
     def pristine(self, layers: Iterable[int]) -> dict[int, torch.Tensor]:
         """The layers' weights as loaded (see :meth:`ModelAdapter.original_weights`)."""

@@ -17,6 +17,7 @@ from editing.editor import Editor
 from editing.evaluation import counterfact_metrics
 from editing.facts import Fact, fact_from_record
 from editing.models import ModelAdapter, load_model
+from editing.runtime import Runtime
 
 METRIC_KEYS = ("ES", "PS", "NS", "EM", "PM", "NM", "S")
 
@@ -37,6 +38,7 @@ class OneShotRequest:
     """Dotted hyperparameter overrides, e.g. ``{"values.steps": 10}``."""
     save: Path | None = None
     eval_batch_size: int = 16
+    runtime: Runtime = field(default_factory=Runtime)
 
 
 def read_facts(path: Path, limit: int | None = None) -> list[Fact]:
@@ -82,7 +84,11 @@ def run_one_shot(request: OneShotRequest) -> dict[str, Any]:
         raise ValueError(f"rome edits one fact at a time (batch size 1), got --batch-size {request.batch_size}; "
                          "use memit or emmet for batches")
     facts = read_facts(request.facts_path, request.limit)
-    adapter = load_model(request.model)
+    request.runtime.apply_threads()
+    runtime = request.runtime
+    adapter = load_model(request.model, dtype=runtime.model_dtype,
+                         **({"device_map": runtime.device_map} if runtime.device_map is not None
+                            else {"device": runtime.torch_device}))
     config = edit_config_for(adapter, request)
     seconds = {"stats": 0.0, "keys_values": 0.0, "solve": 0.0, "eval": 0.0}
 
@@ -90,7 +96,7 @@ def run_one_shot(request: OneShotRequest) -> dict[str, Any]:
     pre = counterfact_metrics(adapter, facts, batch_size=request.eval_batch_size).metrics()
     seconds["eval"] += time.perf_counter() - tick
 
-    editor = Editor.prepare(adapter, config)
+    editor = Editor.prepare(adapter, config, runtime=request.runtime)
     for part, spent in editor.prepare_seconds.items():
         seconds[part] += spent
     achieved: dict[int, list[float]] = {}

@@ -28,8 +28,10 @@ from prefect.transactions import Transaction, transaction
 from tqdm.auto import tqdm
 
 from db.engine import make_engine
-from db.evaluations import Metric, record_alarm, record_evaluation
-from db.history import alarms_frame, applied_facts, batch_facts, metrics_frame, pending_count
+from db.errors import RequestLostError
+from db.evaluation_requests import fail_request
+from db.evaluations import AlarmRow, Metric, record_evaluation
+from db.history import applied_count, batch_facts, metrics_frame, pending_count
 from db.ingest import ingest_file
 from db.ledger import ClaimedBatch, RunWriter, acquire_writer
 from db.migrate import require_current
@@ -39,8 +41,10 @@ from editing.delta import weight_sha256
 from editing.editor import BatchEdit
 from editing.evaluation import PROBE_PROMPTS, evaluate
 from editing.facts import Fact
+from flows.async_evaluation import AsyncEvaluations, Lease, claim
 from flows.collapse import Alarm, CollapsePolicy, detect, last_healthy_seq
 from flows.failpoints import failpoint
+from flows.model_export import build_provenance, write_model_folder
 from flows.model_session import ModelSession
 from flows.run_state import RunContext, create_run_context, open_run_context
 from flows.settings import RunSettings
@@ -51,7 +55,7 @@ NOT_PERSISTED = {"cache_policy": NONE, "persist_result": False}
 """Tasks pass live objects (the model, the writer); nothing of theirs is cached or persisted."""
 
 SPLITS = {"retention": "retention", "ppl": "perplexity", "acc": "downstream", "chance": "downstream",
-          "norm": "norms", "ge": "generation"}
+          "norm": "norms", "ge": "generation", "seconds": "timing", "seconds_per_fact": "timing"}
 
 
 def metric_split(name: str) -> str:
@@ -85,21 +89,28 @@ def commit_batch(context: RunContext, writer: RunWriter, batch: ClaimedBatch, ed
                  seconds: dict[str, float]) -> None:
     checkpoint = context.adapter.snapshot(list(context.run.layers)) if batch.checkpoint_due else None
     writer.commit_batch(batch, {update.layer: update.delta for update in edit.updates}, edit.weights_sha256,
-                        timings=seconds, checkpoint=checkpoint, diagnostics=edit.diagnostics())
+                        timings=seconds, checkpoint=checkpoint, diagnostics=edit.diagnostics(), keys=edit.keys)
 
 
 @task(name="evaluate-model", retries=1, **NOT_PERSISTED)
-def evaluate_model(context: RunContext, seq: int, batch_facts: list[Fact]) -> tuple[dict[str, float], dict[str, float]]:
+def evaluate_model(context: RunContext, seq: int, batch_facts: list[Fact]) -> dict[str, float]:
+    """Every metric of the evaluation at ``seq``, the time of each part included (``seconds.*``)."""
     config = context.settings.evaluation_config()
     report = evaluate(context.adapter, config, facts=batch_facts, earlier_facts=context.retention_facts(seq),
                       original_weights=context.original, generation_prompts=PROBE_PROMPTS[:config.generation_facts])
-    return report.metrics(), report.seconds
+    return report.metrics()
 
 
 @task(name="record-evaluation", retries=2, retry_delay_seconds=2, **NOT_PERSISTED)
-def record_metrics(context: RunContext, seq: int, metrics: dict[str, float], seconds: float) -> int:
+def record_metrics(context: RunContext, seq: int, metrics: dict[str, float], seconds: float, kind: str,
+                   alarms: list[Alarm], request: tuple[int, str] | None = None) -> int:
+    """Metrics, alarms and (for an evaluation request) its completion, in one ledger transaction."""
     rows = [Metric(name, value, metric_split(name)) for name, value in sorted(metrics.items())]
-    return record_evaluation(context.engine, context.run.id, seq, rows, duration_s=seconds)
+    alarm_rows = [AlarmRow(rule=alarm.rule.describe(), metric=alarm.metric, value=alarm.value,
+                           baseline=alarm.baseline, threshold=alarm.rule.threshold,
+                           action=context.settings.collapse.action, message=alarm.message) for alarm in alarms]
+    return record_evaluation(context.engine, context.run.id, seq, rows, duration_s=seconds, kind=kind,
+                             alarms=alarm_rows, request=request)
 
 
 # -- the editing loop ----------------------------------------------------------------------
@@ -113,38 +124,56 @@ def _edit_one_batch(context: RunContext, writer: RunWriter, batch: ClaimedBatch)
         commit_started = time.perf_counter()
         commit_batch(context, writer, batch, edit, seconds)
     context.seq = batch.seq
+    context.editor.remember(edit)  # only once the ledger holds the batch
     seconds["commit"] = time.perf_counter() - commit_started
     failpoint("after_commit", batch.seq)
     return edit
 
 
 def _baseline(context: RunContext) -> dict[str, float]:
-    """Metrics of the evaluation before the first batch, measured now if the run has none yet."""
+    """Metrics before the first batch (the full evaluation and the health check), measured now if the
+    run has none yet; collapse rules compare every later point with them."""
     frame = metrics_frame(context.engine, context.run.id)
     at_zero = frame[frame["seq"] == 0]
     if not at_zero.empty:
         return dict(zip(at_zero["name"], at_zero["value"]))
     if context.seq != 0:
         return {}
-    return _evaluate_point(context, 0, [], baseline={}, announce="baseline")[0]
+    health = context.health() if context.settings.health_checks else {}
+    if context.settings.eval_every:
+        return _evaluate_point(context, 0, [], baseline={}, extra=health, announce="baseline")[0]
+    _record_point(context, 0, health, {}, kind="health", seconds=0.0, announce="baseline health")
+    return health
 
 
 def _evaluate_point(context: RunContext, seq: int, batch_facts: list[Fact], baseline: dict[str, float],
-                    announce: str = "evaluation") -> tuple[dict[str, float], list[Alarm]]:
+                    extra: dict[str, float] | None = None, announce: str = "evaluation",
+                    request: tuple[int, str] | None = None) -> tuple[dict[str, float], list[Alarm]]:
+    """A full evaluation at ``seq`` (with ``extra`` metrics merged in, e.g. the batch's health check),
+    recorded, checked against the baseline, and published as an artifact; ``request`` is the evaluation
+    request this completes (asynchronous evaluation)."""
     started = time.perf_counter()
-    metrics, parts = evaluate_model(context, seq, batch_facts)
-    spent = time.perf_counter() - started
-    evaluation_id = record_metrics(context, seq, metrics, spent)
-    alarms = detect(metrics, baseline, context.settings.collapse.rules) if baseline else []
-    for alarm in alarms:
-        record_alarm(context.engine, context.run.id, seq, rule=alarm.rule.describe(), metric=alarm.metric,
-                     value=alarm.value, baseline=alarm.baseline, threshold=alarm.rule.threshold,
-                     action=context.settings.collapse.action, message=alarm.message, evaluation_id=evaluation_id)
-    print(_summary_line(announce, seq, metrics, alarms, spent), flush=True)
+    metrics = {**(extra or {}), **evaluate_model(context, seq, batch_facts)}
+    alarms = _record_point(context, seq, metrics, baseline, kind="full", seconds=time.perf_counter() - started,
+                           announce=announce, request=request)
     create_table_artifact(key=f"run-{context.run.id}-evaluation",
                           table=[{"metric": name, "value": round(value, 6)} for name, value in sorted(metrics.items())],
                           description=f"Run {context.run.id}, {announce} after batch {seq}")
     return metrics, alarms
+
+
+def _record_point(context: RunContext, seq: int, metrics: dict[str, float], baseline: dict[str, float], kind: str,
+                  seconds: float, announce: str = "health", request: tuple[int, str] | None = None) -> list[Alarm]:
+    """Run the collapse rules on ``metrics`` against the baseline, and record the metrics and every alarm
+    at ``seq`` in one transaction (so an alarm never goes missing when a process dies).
+
+    A full evaluation is announced with its summary line; a health check only when it raises an alarm.
+    """
+    alarms = detect(metrics, baseline, context.settings.collapse.rules) if baseline else []
+    record_metrics(context, seq, metrics, seconds, kind, alarms, request)
+    if kind == "full" or alarms:
+        print(_summary_line(announce, seq, metrics, alarms, seconds), flush=True)
+    return alarms
 
 
 def _summary_line(label: str, seq: int, metrics: dict[str, float], alarms: list[Alarm], seconds: float) -> str:
@@ -169,10 +198,9 @@ def _apply_policy(context: RunContext, writer: RunWriter, policy: CollapsePolicy
     if policy.action == "stop":
         print(f"collapse detected at batch {seq}: stopping run {context.run.id}", flush=True)
         return True
-    target = last_healthy_seq(context.engine, context.run.id, up_to=context.seq)
+    target = last_healthy_seq(context.engine, context.run.id, up_to=seq)
     weights = writer.rollback(target, restore_facts=False, reason=f"collapse detected at batch {seq}")
-    context.session.load_state(weights)
-    context.seq = target
+    context.restore(target, weights)
     print(f"collapse detected at batch {seq}: rolled run {context.run.id} back to batch {target}", flush=True)
     return policy.after_rollback == "stop"
 
@@ -181,42 +209,72 @@ def _remaining(context: RunContext) -> int | None:
     limit = context.settings.limit
     if limit is None:
         return None
-    return max(0, limit - len(applied_facts(context.engine, context.run.id)))
+    return max(0, limit - applied_count(context.engine, context.run.id))
 
 
 def _edit_loop(context: RunContext, writer: RunWriter) -> str:
     settings = context.settings
-    baseline = _baseline(context) if settings.eval_every else {}
+    baseline = _baseline(context) if settings.eval_every or settings.health_checks else {}
+    background = None
+    if settings.eval_every and settings.eval_mode == "async":
+        background = AsyncEvaluations(context.engine, context.run.id, settings.eval_deployment, settings.eval_lease_s,
+                                      settings.eval_max_attempts,
+                                      on_alarm=lambda seq: _apply_policy(context, writer, settings.collapse, seq))
     remaining = _remaining(context)
     planned = pending_count(context.engine, context.run.id)
-    total = planned if remaining is None else min(planned, remaining)
     evaluated_seq = context.seq
-    with tqdm(total=total, desc=f"run {context.run.id}", unit="fact") as progress:
-        while remaining is None or remaining > 0:
-            size = settings.batch_size if remaining is None else min(settings.batch_size, remaining)
-            batch = claim_batch(writer, size)
+    with tqdm(total=planned if remaining is None else min(planned, remaining), desc=f"run {context.run.id}",
+              unit="fact") as progress:
+        while True:
+            if background is not None and background.poll():
+                return RunStatus.STOPPED
+            remaining = _remaining(context)  # recounted: a rollback gives facts back
+            if remaining == 0:
+                break
+            batch = claim_batch(writer, settings.batch_size if remaining is None else min(settings.batch_size,
+                                                                                          remaining))
             if batch is None:
                 break
             edit = _edit_one_batch(context, writer, batch)
             progress.update(len(batch.facts))
             progress.set_postfix(batch=batch.seq, v_nll=f"{float(edit.values.final_nll.mean()):.3f}")
-            if remaining is not None:
-                remaining -= len(batch.facts)
-            if settings.eval_every and batch.seq % settings.eval_every == 0:
-                _, alarms = _evaluate_point(context, batch.seq, list(batch.facts), baseline)
-                evaluated_seq = batch.seq
-                if alarms and _apply_policy(context, writer, settings.collapse, batch.seq):
-                    return RunStatus.STOPPED
-    if settings.eval_every and context.seq != evaluated_seq:  # the last batch fell between two evaluation points
-        last_batch = batch_facts(context.engine, context.run.id, context.seq)
-        _evaluate_point(context, context.seq, last_batch, baseline, announce="final evaluation")
+            alarms, evaluated = _check_batch(context, batch, edit, baseline, background)
+            evaluated_seq = batch.seq if evaluated else evaluated_seq
+            if alarms and _apply_policy(context, writer, settings.collapse, batch.seq):
+                return RunStatus.STOPPED
+    if settings.eval_every and context.seq not in (0, evaluated_seq):  # the last batch fell between two points
+        if background is not None:
+            background.submit(context.seq)
+        else:
+            last_batch = batch_facts(context.engine, context.run.id, context.seq)
+            _evaluate_point(context, context.seq, last_batch, baseline, announce="final evaluation")
+    if background is not None and background.drain(settings.eval_wait_s):
+        return RunStatus.STOPPED
     return RunStatus.COMPLETED
+
+
+def _check_batch(context: RunContext, batch: ClaimedBatch, edit: BatchEdit, baseline: dict[str, float],
+                 background: AsyncEvaluations | None) -> tuple[list[Alarm], bool]:
+    """After a committed batch: its health check and, at an evaluation point, the full evaluation — here, or
+    submitted to the work pool (``background``; its alarms come back through :meth:`AsyncEvaluations.poll`).
+    Returns the alarms raised now and whether the batch is an evaluation point."""
+    settings = context.settings
+    started = time.perf_counter()
+    health = context.health(edit) if settings.health_checks else {}
+    point = bool(settings.eval_every) and batch.seq % settings.eval_every == 0
+    if point and background is None:
+        return _evaluate_point(context, batch.seq, list(batch.facts), baseline, extra=health)[1], True
+    alarms = _record_point(context, batch.seq, health, baseline, kind="health",
+                           seconds=time.perf_counter() - started) if health else []
+    if point:
+        background.submit(batch.seq)
+    return alarms, point
 
 
 def _publish_report(context: RunContext) -> None:
     from flows.reporting import markdown_summary, metrics_wide
 
-    wide = metrics_wide(context.engine, context.run.id)
+    wide = metrics_wide(context.engine, context.run.id, kind="full")
     if not wide.empty:
         create_table_artifact(key=f"run-{context.run.id}-metrics", table=wide.round(6).to_dict(orient="records"),
                               description=f"Metrics of run {context.run.id} per evaluated batch")
@@ -236,6 +294,7 @@ def sequential_edit(settings: dict[str, Any] | None = None, run_id: int | None =
         context = create_run_context(engine, RunSettings.from_dict(settings or {}))
     else:
         context = open_run_context(engine, run_id)
+    context.settings.runtime.apply_threads()
     with acquire_writer(engine, context.run.id) as writer:
         set_run_status(engine, context.run.id, RunStatus.RUNNING)
         try:
@@ -244,25 +303,49 @@ def sequential_edit(settings: dict[str, Any] | None = None, run_id: int | None =
             set_run_status(engine, context.run.id, RunStatus.FAILED)
             raise
         set_run_status(engine, context.run.id, status)
-    if context.settings.save_model:
-        context.adapter.model.save_pretrained(context.settings.save_model)
-        context.adapter.tokenizer.save_pretrained(context.settings.save_model)
+    if context.settings.save_model:  # the same folder, checks and provenance as `seqedit export-model`
+        write_model_folder(context.adapter, context.settings.save_model,
+                           build_provenance(engine, context.run.id, context.seq), force=True)
     _publish_report(context)
     return {"run_id": context.run.id, "status": str(status), "seq": context.seq,
             "weights_sha256": context.adapter.weights_sha256(list(context.run.layers))}
 
 
 @flow(name="evaluate")
-def evaluate_run(run_id: int, seq: int | None = None, db_url: str | None = None) -> dict[str, float]:
+def evaluate_run(run_id: int, seq: int | None = None, db_url: str | None = None,
+                 request_id: int | None = None) -> dict[str, float]:
     """Evaluate run ``run_id`` at batch ``seq`` (default: its last), restoring that point first;
-    the metrics are recorded in the ledger at that batch."""
+    the metrics are recorded in the ledger at that batch.
+
+    With ``request_id`` (an asynchronous evaluation point, :mod:`flows.async_evaluation`) the request
+    is claimed first — nothing is done if it is finished, held by a live worker or its batch was rolled
+    back — its lease is renewed while the evaluation runs, and the request is completed in the
+    transaction that records the metrics (a failure marks it failed, to be claimed again)."""
     engine = make_engine(db_url)
     require_current(engine)
-    context = open_run_context(engine, run_id, at_seq=seq)
-    facts = batch_facts(engine, run_id, context.seq) if context.seq else []
-    baseline = _baseline(context) if context.seq else {}
-    metrics, _ = _evaluate_point(context, context.seq, facts, baseline, announce="evaluation")
-    return metrics
+    held = None
+    if request_id is not None:
+        lease_s = RunSettings.from_dict(get_run(engine, run_id).spec.hyperparameters["settings"]).eval_lease_s
+        held = claim(engine, request_id, lease_s)
+        if held is None:
+            print(f"evaluation request {request_id} needs no work (done, held, or its batch was rolled back)")
+            return {}
+        seq = held[0].seq
+    try:
+        context = open_run_context(engine, run_id, at_seq=seq)
+        context.settings.runtime.apply_threads()
+        facts = batch_facts(engine, run_id, context.seq) if context.seq else []
+        baseline = _baseline(context) if context.seq else {}
+        if held is None:
+            return _evaluate_point(context, context.seq, facts, baseline, announce="evaluation")[0]
+        request, worker = held
+        with Lease(engine, request.id, worker, lease_s):
+            return _evaluate_point(context, context.seq, facts, baseline, announce="evaluation",
+                                   request=(request.id, worker))[0]
+    except Exception as error:
+        if held is not None and not isinstance(error, RequestLostError):
+            fail_request(engine, held[0].id, held[1], f"{type(error).__name__}: {error}")
+        raise
 
 
 @flow(name="rollback")
@@ -274,8 +357,8 @@ def rollback_run(run_id: int, to_seq: int, restore_facts: bool = True, db_url: s
     require_current(engine)
     with acquire_writer(engine, run_id) as writer:
         weights = writer.rollback(to_seq, restore_facts=restore_facts, reason="requested")
-    run = get_run(engine, run_id)
-    session = ModelSession.loaded(RunSettings.from_dict(run.spec.hyperparameters["settings"]).model)
+    run_settings = RunSettings.from_dict(get_run(engine, run_id).spec.hyperparameters["settings"])
+    session = ModelSession.loaded(run_settings.model, run_settings.runtime)
     if session is not None:
         session.load_state(weights)
     hashes = {layer: weight_sha256(weight) for layer, weight in weights.items()}

@@ -21,12 +21,13 @@ HEADLINE = ("es", "ps", "ns", "s", "retention.es", "retention.ps", "ge")
 FAMILIES = {"ppl": "ppl.", "acc": "acc.", "norm_w": "norm.w.", "norm_dw": "norm.dw."}
 
 
-def metrics_wide(engine: Engine, run_id: int) -> pd.DataFrame:
-    """One row per active evaluation (``seq``, ``evaluation_id``), one column per metric, plus family means."""
-    long = metrics_frame(engine, run_id)
+def metrics_wide(engine: Engine, run_id: int, kind: str | None = None) -> pd.DataFrame:
+    """One row per active evaluation (``seq``, ``evaluation_id``, ``kind``), one column per metric, plus
+    family means; ``kind`` keeps only full evaluations or only the health checks after batches."""
+    long = metrics_frame(engine, run_id, kind=kind)
     if long.empty:
-        return pd.DataFrame(columns=["seq", "evaluation_id"])
-    wide = long.pivot(index=["seq", "evaluation_id"], columns="name", values="value").reset_index()
+        return pd.DataFrame(columns=["seq", "evaluation_id", "kind"])
+    wide = long.pivot(index=["seq", "evaluation_id", "kind"], columns="name", values="value").reset_index()
     wide.columns.name = None
     for family, prefix in FAMILIES.items():
         members = [column for column in wide.columns if str(column).startswith(prefix)]
@@ -88,7 +89,7 @@ def markdown_summary(engine: Engine, run_id: int) -> str:
              f"fact pool `{spec.fact_pool}`{f' (source `{spec.fact_source}`)' if spec.fact_source else ''}",
              f"- status **{run.status}**; {applied} facts applied; batches by status: "
              + ", ".join(f"{status} {count}" for status, count in sorted(counts.items())), ""]
-    wide = metrics_wide(engine, run_id)
+    wide = metrics_wide(engine, run_id, kind="full")
     if not wide.empty:
         lines += ["## Metrics per evaluation", "", _markdown(summary_table(wide)), ""]
     alarms = alarms_frame(engine, run_id)
@@ -130,7 +131,8 @@ def plot_metrics(engine: Engine, run_id: int, path: Path) -> Path:
                                 squeeze=False)
     for axis, (title, columns) in zip(axes.flat, panels):
         for column in columns:
-            axis.plot(wide["n_edits"], wide[column], marker="o", markersize=3, label=str(column))
+            points = wide[["n_edits", column]].dropna()  # health checks carry only some metrics
+            axis.plot(points["n_edits"], points[column], marker="o", markersize=3, label=str(column))
         axis.set_title(title, fontsize=10)
         axis.set_xlabel("facts edited")
         axis.grid(alpha=0.3)
@@ -145,3 +147,112 @@ def plot_metrics(engine: Engine, run_id: int, path: Path) -> Path:
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
+
+
+COMPARISON_PANELS = (
+    ("Efficacy (ES) of the batch just edited", lambda wide: ["es"]),
+    ("Paraphrase (PS) of the batch just edited", lambda wide: ["ps"]),
+    ("Neighbourhood (NS) of the batch just edited", lambda wide: ["ns"]),
+    ("Retention ES of earlier edits", lambda wide: ["retention.es"]),
+    ("Perplexity, WikiText-2", lambda wide: ["ppl.wikitext-2-test"]),
+    ("Perplexity probe (every batch)", lambda wide: ["ppl.probe"]),
+    ("Mean downstream accuracy", lambda wide: ["mean.acc"]),
+    ("‖W − W0‖_F, last edited layer", lambda wide: [_last_layer_column(wide, "norm.dw.")]),
+)
+"""What the comparison plot shows, one panel each: a title and the column to draw for every run."""
+
+
+def _last_layer_column(wide: pd.DataFrame, prefix: str) -> str:
+    layers = [int(str(c)[len(prefix):]) for c in wide.columns if str(c).startswith(prefix)]
+    return f"{prefix}{max(layers)}" if layers else f"{prefix}?"
+
+
+def first_alarms(engine: Engine, run_ids: list[int]) -> pd.DataFrame:
+    """Per run: its algorithm, how many facts it applied, and where its first alarm fired (if one did):
+    the batch, and the facts the model held then (a later rollback does not change that)."""
+    rows = []
+    for run_id in run_ids:
+        run = get_run(engine, run_id)
+        batches = batches_frame(engine, run_id)
+        alarms = alarms_frame(engine, run_id)
+        row = {"run": run_id, "algorithm": run.spec.algorithm, "batch_size": run.spec.batch_size,
+               "edits": int(batches.loc[batches["status"] == "applied", "n_facts"].sum()),
+               "first_alarm_edits": None, "first_alarm_seq": None, "rule": None, "metric": None, "value": None,
+               "baseline": None}
+        if not alarms.empty:
+            first = alarms.iloc[0]
+            row.update(first_alarm_seq=int(first["seq"]), rule=first["rule"], metric=first["metric"],
+                       value=first["value"], baseline=first["baseline"],
+                       first_alarm_edits=_edits_held(batches, first["batch_id"]))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _edits_held(batches: pd.DataFrame, batch_id: object) -> int:
+    """Facts in the model right after batch ``batch_id`` was applied: per sequence number up to its own,
+    the latest batch claimed no later than it (earlier ones were rolled back and replaced)."""
+    if pd.isna(batch_id):
+        return 0
+    row = batches[batches["batch_id"] == batch_id].iloc[0]
+    history = batches[(batches["batch_id"] <= batch_id) & (batches["seq"] <= row["seq"])
+                      & (batches["status"] != "failed")]
+    return int(history.sort_values("batch_id").groupby("seq").tail(1)["n_facts"].sum())
+
+
+def plot_comparison(engine: Engine, run_ids: list[int], path: Path) -> Path:
+    """The runs' curves on shared axes against the number of edits, one panel per :data:`COMPARISON_PANELS`
+    entry that some run has; a dotted vertical line marks each run's first alarm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    frames = {run_id: metrics_wide(engine, run_id) for run_id in run_ids}
+    labels = {run_id: f"run {run_id}: {get_run(engine, run_id).spec.algorithm}" for run_id in run_ids}
+    panels = [(title, pick) for title, pick in COMPARISON_PANELS
+              if any(column in wide.columns for wide in frames.values() for column in pick(wide))]
+    if not panels:
+        raise ValueError(f"runs {run_ids} have no evaluations to compare")
+    alarms = first_alarms(engine, run_ids).set_index("run")["first_alarm_edits"]
+    rows = math.ceil(len(panels) / 2)
+    figure, axes = plt.subplots(rows, 2, figsize=(12, 3.2 * rows), squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for axis, (title, pick) in zip(axes.flat, panels):
+        for index, (run_id, wide) in enumerate(frames.items()):
+            colour = colours[index % len(colours)]
+            for column in pick(wide):
+                if column in wide.columns:
+                    points = wide[["n_edits", column]].dropna()
+                    axis.plot(points["n_edits"], points[column], marker="o", markersize=2, color=colour,
+                              label=labels[run_id])
+            if pd.notna(alarms.get(run_id)):
+                axis.axvline(float(alarms[run_id]), color=colour, linestyle=":", linewidth=1)
+        axis.set_title(title, fontsize=10)
+        axis.set_xlabel("facts edited")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+    for axis in list(axes.flat)[len(panels):]:
+        axis.set_visible(False)
+    figure.suptitle(f"Runs {', '.join(map(str, run_ids))} compared (dotted: first collapse alarm)")
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def comparison_markdown(engine: Engine, run_ids: list[int]) -> str:
+    """The first-alarm table of the runs, then each run's last full evaluation side by side."""
+    alarms = first_alarms(engine, run_ids)
+    lines = [f"# Runs {', '.join(map(str, run_ids))} compared", "", "## First collapse alarm", "",
+             _markdown(alarms.fillna("—")), ""]
+    last = []
+    for run_id in run_ids:
+        wide = metrics_wide(engine, run_id, kind="full")
+        if not wide.empty:
+            row = summary_table(wide).iloc[-1].to_dict()
+            last.append({"run": run_id, **row})
+    if last:
+        lines += ["## Last full evaluation", "", _markdown(pd.DataFrame(last)), ""]
+    return "\n".join(lines)

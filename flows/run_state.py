@@ -10,6 +10,7 @@ ledger (checkpoint + deltas, sha256-verified) — never trusted from memory.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -19,13 +20,16 @@ import torch
 from sqlalchemy import Engine
 
 from db.history import applied_facts
-from db.replay import last_applied_seq, weights_at
+from db.replay import edit_memory_at, last_applied_seq, weights_at
 from db.runs import RunInfo, RunSpec, create_run, get_run
 from editing.config import EditConfig, hparams_key_for, load_edit_config
-from editing.editor import Editor
+from editing.editor import BatchEdit, Editor, null_spaces_for
+from editing.evaluation.health import HealthProbe, health_metrics
+from editing.objectives import get_objective
 from editing.facts import Fact
 from editing.stats import second_moments
 from flows.model_session import ModelSession
+from flows.run_model import check_run_model
 from flows.settings import RunSettings
 
 log = logging.getLogger(__name__)
@@ -56,6 +60,19 @@ class RunContext:
     def original(self) -> dict[int, torch.Tensor]:
         return self.session.pristine(self.run.layers)
 
+    def restore(self, seq: int, weights: dict[int, torch.Tensor]) -> None:
+        """Put the model and the edit memory in their state after batch ``seq`` (``weights`` from the ledger)."""
+        self.session.load_state(weights)
+        if self.editor.memory is not None:
+            self.editor.memory.load(edit_memory_at(self.engine, self.run.id, seq, self.editor.memory_devices()))
+        self.seq = seq
+
+    def health(self, edit: BatchEdit | None = None) -> dict[str, float]:
+        """The health check of the model as it is now (after ``edit``; None: the baseline)."""
+        probe = HealthProbe(data_dir=self.settings.evaluation_config().data_dir)
+        deltas = {update.layer: update.delta for update in edit.updates} if edit is not None else None
+        return health_metrics(self.adapter, self.original, probe, deltas, edit.values if edit is not None else None)
+
     def retention_facts(self, seq: int) -> list[Fact]:
         """The earlier edits retention checks at point ``seq``: facts of the batches *before* ``seq``
         (the batch just edited is scored by ES/PS/NS; counting it as retained would inflate retention
@@ -82,11 +99,13 @@ def _resolved_config(settings: RunSettings, model_name: str) -> EditConfig:
 
 def create_run_context(engine: Engine, settings: RunSettings) -> RunContext:
     """Record a new run (settings, edit configuration, prefixes, original weights) and open it."""
-    session = ModelSession.get(settings.model)
+    settings = dataclasses.replace(settings, runtime=dataclasses.replace(
+        settings.runtime, dtype=str(settings.runtime.model_dtype).removeprefix("torch.")))
+    session = ModelSession.get(settings.model, settings.runtime)
     adapter = session.adapter
     config = _resolved_config(settings, adapter.name)
     session.load_state({})  # whatever an earlier run in this process did, start from the original
-    editor = Editor.prepare(adapter, config)
+    editor = Editor.prepare(adapter, config, runtime=settings.runtime)
     hyperparameters: dict[str, Any] = {"edit": config.to_dict(), "prefixes": list(editor.prefixes),
                                        "settings": settings.to_dict()}
     spec = RunSpec(model_name=adapter.name, algorithm=config.algorithm, distribution=config.distribution,
@@ -106,19 +125,16 @@ def open_run_context(engine: Engine, run_id: int, at_seq: int | None = None) -> 
     stored = run.spec.hyperparameters
     settings = RunSettings.from_dict(stored["settings"])
     config = EditConfig.from_dict(stored["edit"])
-    session = ModelSession.get(settings.model)
+    session = ModelSession.get(settings.model, settings.runtime)
     adapter = session.adapter
-    if run.spec.model_fingerprint and adapter.fingerprint != run.spec.model_fingerprint:
-        raise RunStateError(f"run {run_id} edited a model with fingerprint {run.spec.model_fingerprint[:16]}…, "
-                            f"but {adapter.name} loads as {adapter.fingerprint[:16]}…")
-    session.load_state({})
-    pristine = adapter.weights_sha256(list(run.layers))
-    wrong = [layer for layer in run.layers if pristine[layer] != run.original_sha256[layer]]
-    if wrong:
-        raise RunStateError(f"run {run_id}: the loaded model's layers {wrong} differ from the run's originals")
+    check_run_model(run, adapter, RunStateError)
     seq = last_applied_seq(engine, run_id) if at_seq is None else at_seq
     session.load_state(weights_at(engine, run_id, seq))
+    devices = {layer: adapter.layer_device(layer) for layer in run.layers}
+    memory = (edit_memory_at(engine, run_id, seq, devices)
+              if get_objective(config.algorithm).uses_edit_memory(config.objective) else None)
     editor = Editor(adapter, config, second_moments(adapter, list(run.layers), config.stats),
-                    tuple(stored["prefixes"]))
+                    tuple(stored["prefixes"]), settings.runtime, memory=memory,
+                    null_spaces=null_spaces_for(adapter, config))
     log.info("opened run %d at batch %d", run_id, seq)
     return RunContext(engine, run, settings, config, session, editor, seq=seq)

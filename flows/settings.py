@@ -16,6 +16,7 @@ from typing import Any, Mapping
 import yaml
 
 from editing.evaluation import EvaluationConfig
+from editing.runtime import Runtime
 from flows.collapse import CollapsePolicy
 
 EVALUATION_PROFILES: dict[str, dict[str, Any]] = {
@@ -53,10 +54,29 @@ class RunSettings:
     evaluation_overrides: dict[str, Any] = field(default_factory=dict)
     retention_sample: int | None = 64
     """Earlier edits re-checked at each evaluation: a fixed, seeded sample of this many (None: all)."""
+    eval_mode: str = "inline"
+    """``inline``: the editing loop evaluates each point itself; ``async``: each point is a flow run of the
+    ``eval_deployment`` on a Prefect work pool and editing goes on (see :mod:`flows.async_evaluation`)."""
+    eval_deployment: str = "evaluate/seqedit-evaluate"
+    """The ``evaluate`` deployment asynchronous points are submitted to (``seqedit deploy-evaluator`` makes it)."""
+    eval_lease_s: float = 120.0
+    """A worker renews its claim on a point this often (÷3); a claim not renewed for this long is taken over."""
+    eval_max_attempts: int = 3
+    """Claims of one point before the run gives up on it (an evaluation that keeps failing is a bug)."""
+    eval_wait_s: float = 3600.0
+    """At the end of a run, how long to wait for the asynchronous points still out."""
+    health_checks: bool = True
+    """After every batch, a cheap health check (norms, v* convergence, a small perplexity probe; see
+    :mod:`editing.evaluation.health`) recorded and checked by the collapse rules, so a disabling edit is
+    caught at the batch that made it, not at the next evaluation point."""
     collapse: CollapsePolicy = field(default_factory=CollapsePolicy)
     save_model: str | None = None
-    """Folder where the edited model is written (safetensors) when the run stops."""
+    """Folder where the edited model is written when the run stops: the same Hugging Face folder, checks
+    and ``seqedit.json`` provenance as ``seqedit export-model`` (:func:`flows.model_export.write_model_folder`)."""
     name: str | None = None
+    runtime: Runtime = field(default_factory=Runtime)
+    """Device, dtypes and threads (see :class:`editing.runtime.Runtime`); a new run records its model
+    dtype resolved (``auto`` → ``float32``/``bfloat16``) so that resuming elsewhere loads the same weights."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -65,6 +85,10 @@ class RunSettings:
             raise ValueError(f"rome edits one fact per batch; got batch_size {self.batch_size}")
         if self.eval_every < 0 or self.checkpoint_every < 1:
             raise ValueError("eval_every must be >= 0 and checkpoint_every >= 1")
+        if self.eval_mode not in ("inline", "async"):
+            raise ValueError(f"eval_mode must be 'inline' or 'async', got {self.eval_mode!r}")
+        if self.eval_lease_s <= 0 or self.eval_max_attempts < 1 or self.eval_wait_s < 0:
+            raise ValueError("eval_lease_s must be > 0, eval_max_attempts >= 1 and eval_wait_s >= 0")
         if self.fact_pool not in ("shared", "private"):
             raise ValueError(f"fact_pool must be 'shared' or 'private', got {self.fact_pool!r}")
         if self.fact_pool == "private" and not self.fact_source:
@@ -91,6 +115,8 @@ class RunSettings:
         values = dict(data)
         if "collapse" in values and not isinstance(values["collapse"], CollapsePolicy):
             values["collapse"] = CollapsePolicy.from_dict(values["collapse"])
+        if "runtime" in values and not isinstance(values["runtime"], Runtime):
+            values["runtime"] = Runtime(**values["runtime"])
         return cls(**values)
 
     @classmethod

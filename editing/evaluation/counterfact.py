@@ -129,10 +129,12 @@ def _mean(values: list[float | None]) -> tuple[float | None, int]:
     return (sum(defined) / len(defined) if defined else None), len(defined)
 
 
-_KINDS = ("rewrite", "paraphrase", "neighborhood")
+PROMPT_KINDS = ("rewrite", "paraphrase", "neighborhood")
+"""The prompt sets of a fact that CounterFact scores (ES, PS, NS), in the order they are scored."""
 
 
-def _prompts(fact: Fact, kind: str) -> tuple[str, ...]:
+def prompts_of(fact: Fact, kind: str) -> tuple[str, ...]:
+    """A fact's prompts of one of :data:`PROMPT_KINDS`."""
     return (fact.rewrite_prompt,) if kind == "rewrite" else getattr(fact, f"{kind}_prompts")
 
 
@@ -143,11 +145,11 @@ def counterfact_metrics(adapter: ModelAdapter, facts: Sequence[Fact], batch_size
     ``with_neighborhood=False`` skips the neighbourhood prompts (NS, NM and S
     stay None), for callers that only ask whether edits still hold.
     """
-    kinds = _KINDS if with_neighborhood else _KINDS[:2]
+    kinds = PROMPT_KINDS if with_neighborhood else PROMPT_KINDS[:2]
     pairs: list[tuple[str, str]] = []
     for fact in facts:
         for kind in kinds:
-            for prompt in _prompts(fact, kind):
+            for prompt in prompts_of(fact, kind):
                 pairs += [(prompt, fact.target_new), (prompt, fact.target_true)]
     nll = score_targets(adapter, pairs, batch_size).mean_nll.tolist()
 
@@ -155,8 +157,8 @@ def counterfact_metrics(adapter: ModelAdapter, facts: Sequence[Fact], batch_size
     results = []
     for fact in facts:
         sets = {}
-        for kind in _KINDS:
-            count = len(_prompts(fact, kind)) if kind in kinds else 0
+        for kind in PROMPT_KINDS:
+            count = len(prompts_of(fact, kind)) if kind in kinds else 0
             chunk = nll[cursor:cursor + 2 * count]
             sets[kind] = PromptSetScores(tuple(chunk[0::2]), tuple(chunk[1::2]))
             cursor += 2 * count

@@ -86,7 +86,8 @@ class EvaluationReport:
 
     def metrics(self) -> dict[str, float]:
         """Flat ``name → value``: ``es`` … ``s``, ``retention.es``, ``ge``, ``ppl.<corpus>``,
-        ``acc.<task>``, ``chance.<task>``, ``norm.w.<layer>``, ``norm.dw.<layer>``."""
+        ``acc.<task>``, ``chance.<task>``, ``norm.w.<layer>``, ``norm.dw.<layer>``, and the time of
+        each part, ``seconds.<part>``, with ``seconds_per_fact.<part>`` for the parts that score facts."""
         values: dict[str, float] = {}
         if self.counterfact is not None:
             values.update(self.counterfact.metrics())
@@ -101,6 +102,11 @@ class EvaluationReport:
         for layer, norms in self.norms.items():
             values[f"norm.w.{layer}"] = norms.weight
             values[f"norm.dw.{layer}"] = norms.delta
+        for part, seconds in self.seconds.items():
+            values[f"seconds.{part}"] = seconds
+        for part, scores in (("counterfact", self.counterfact), ("retention", self.retention)):
+            if scores is not None and scores.n_facts and part in self.seconds:
+                values[f"seconds_per_fact.{part}"] = self.seconds[part] / scores.n_facts
         return values
 
 

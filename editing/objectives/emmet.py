@@ -40,7 +40,8 @@ class Emmet(Objective):
 
     def update(self, problem: EditProblem, params: ObjectiveParams) -> LowRankDelta:
         k_e = problem.k_e
-        c_inv_k = torch.cholesky_solve(k_e, cholesky(problem.preservation(params), "λ C0 + μ I"))
+        c_inv_k = torch.cholesky_solve(k_e, cholesky(problem.preservation(params, self.uses_edit_memory(params)),
+                                                     "λ C0 + μ I (+ S)"))
         d = k_e.T @ c_inv_k
         if problem.batch_size > 1:
             mean_diagonal = float(d.diagonal().mean())

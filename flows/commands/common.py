@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 
+ALGORITHMS = ("rome", "memit", "emmet", "alphaedit", "encore")
+"""The objectives of ``editing.objectives.OBJECTIVES``, spelled out so that ``--help`` does not import torch
+(a test checks the two agree)."""
+
 DB_HELP = "database URL (default: $SEQEDIT_DATABASE_URL, else sqlite:///seqedit.db in the working directory)"
 
 
@@ -25,3 +29,32 @@ def parse_override(text: str) -> tuple[str, object]:
         return key.strip(), json.loads(value)
     except json.JSONDecodeError:  # a bare word such as a corpus name
         return key.strip(), value
+
+
+def add_runtime_options(parser: argparse.ArgumentParser) -> None:
+    """``--device``, ``--dtype``, ``--threads`` (see :class:`editing.runtime.Runtime`)."""
+    group = parser.add_argument_group("runtime (how, not what)")
+    group.add_argument("--device", help="cuda, cuda:1 or cpu (default: CUDA when available)")
+    group.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
+                       help="model weights (default auto: bfloat16 on CUDA, float32 on the CPU)")
+    group.add_argument("--solve-dtype", choices=("float64", "float32"), help="the layers' solves (default float64)")
+    group.add_argument("--threads", type=int, help="CPU threads (default: the CPUs this process may use)")
+    group.add_argument("--device-map", type=_device_map, help="place the model across devices with accelerate: "
+                       "auto, balanced, sequential, or JSON like '{\"model.layers.0\": 0, \"lm_head\": \"cpu\"}'")
+
+
+def runtime_from_args(args: argparse.Namespace) -> dict[str, object]:
+    """The runtime fields given on the command line."""
+    given = {"device": args.device, "dtype": args.dtype, "solve_dtype": args.solve_dtype, "threads": args.threads,
+             "device_map": args.device_map}
+    return {name: value for name, value in given.items() if value is not None}
+
+
+def _device_map(text: str) -> str | dict[str, str | int]:
+    """A strategy name (``auto``) or a JSON object module → device."""
+    if not text.lstrip().startswith("{"):
+        return text
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"--device-map is a strategy name or a JSON object: {error}") from None

@@ -70,7 +70,7 @@ def handle(args: argparse.Namespace) -> int:
 
     _step("4. metrics per evaluation (seq 0 is the baseline before any edit)")
     with pd.option_context("display.width", 200, "display.max_columns", 30, "display.float_format", "{:.3f}".format):
-        print(summary_table(metrics_wide(engine, run_id)).to_string(index=False))
+        print(summary_table(metrics_wide(engine, run_id, kind="full")).to_string(index=False))
     plot, markdown, _ = write_report(engine, run_id, out / "report")
     print(f"\nplot:    {plot}\nsummary: {markdown}")
 

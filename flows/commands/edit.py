@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from flows.commands.common import parse_layers, parse_override
+from flows.commands.common import ALGORITHMS, add_runtime_options, parse_layers, parse_override, runtime_from_args
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -14,7 +14,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                    description=__doc__)
     parser.add_argument("--facts", type=Path, required=True, help="CounterFact JSON/JSONL (full or EasyEdit schema)")
     parser.add_argument("--limit", type=int, help="edit only the first N facts")
-    parser.add_argument("--algo", choices=("rome", "memit", "emmet"), required=True, help="objective to solve")
+    parser.add_argument("--algo", choices=ALGORITHMS, required=True, help="objective to solve")
     parser.add_argument("--batch-size", type=int, default=1, help="facts per edit batch (rome: 1)")
     parser.add_argument("--layers", type=parse_layers, help="edit layers, e.g. 4,5,6,7,8 (default: the model's hparams)")
     parser.add_argument("--model", help="Hugging Face name, local folder or .gguf file (default: SmolLM2-135M)")
@@ -23,15 +23,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="override a hyperparameter, e.g. --set values.steps=10 --set objective.mom2_update_weight=1000")
     parser.add_argument("--save", type=Path, help="save the edited model (safetensors) to this folder")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    add_runtime_options(parser)
     parser.set_defaults(handler=handle)
 
 
 def handle(args: argparse.Namespace) -> int:
+    from editing.runtime import Runtime
     from flows.one_shot import METRIC_KEYS, OneShotRequest, run_one_shot
 
     report = run_one_shot(OneShotRequest(
         facts_path=args.facts, algorithm=args.algo, batch_size=args.batch_size, limit=args.limit,
-        layers=args.layers, model=args.model, hparams=args.hparams, overrides=dict(args.overrides), save=args.save))
+        layers=args.layers, model=args.model, hparams=args.hparams, overrides=dict(args.overrides), save=args.save,
+        runtime=Runtime(**runtime_from_args(args))))
     if args.json:
         print(json.dumps(report))
         return 0

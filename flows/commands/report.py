@@ -1,4 +1,8 @@
-"""``seqedit report --run ID``: a PNG of the run's metrics over the edits and a markdown summary."""
+"""``seqedit report --run ID``: a PNG of the run's metrics over the edits and a markdown summary.
+
+With several ``--run``, the runs are compared: their curves on shared axes (ES/PS/NS of the batch just
+edited, retention, perplexity, downstream accuracy, the last edited layer's norm growth) and a table of
+where each raised its first collapse alarm."""
 
 from __future__ import annotations
 
@@ -11,7 +15,8 @@ from flows.commands.common import DB_HELP
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("report", help="plot a run's metrics (PNG) and summarise it (markdown)",
                                    description=__doc__)
-    parser.add_argument("--run", type=int, required=True, metavar="RUN_ID")
+    parser.add_argument("--run", type=int, required=True, action="append", metavar="RUN_ID",
+                        help="a run to report; repeat to compare runs")
     parser.add_argument("--out", type=Path, default=Path("reports"), help="folder for the files (default ./reports)")
     parser.add_argument("--db", metavar="URL", help=DB_HELP)
     parser.add_argument("--quiet", action="store_true", help="print only the paths, not the summary")
@@ -30,13 +35,28 @@ def write_report(engine, run_id: int, out: Path) -> tuple[Path, Path, str]:
     return plot, summary, markdown
 
 
+def write_comparison(engine, run_ids: list[int], out: Path) -> tuple[Path, Path, str]:
+    """(plot path, markdown path, markdown text) of runs compared."""
+    from flows.reporting import comparison_markdown, plot_comparison
+
+    markdown = comparison_markdown(engine, run_ids)
+    out.mkdir(parents=True, exist_ok=True)
+    name = "compare-runs-" + "-".join(map(str, run_ids))
+    summary = out / f"{name}.md"
+    summary.write_text(markdown)
+    return plot_comparison(engine, run_ids, out / f"{name}.png"), summary, markdown
+
+
 def handle(args: argparse.Namespace) -> int:
     from db.engine import make_engine
     from db.migrate import require_current
 
     engine = make_engine(args.db)
     require_current(engine)
-    plot, summary, markdown = write_report(engine, args.run, args.out)
+    if len(args.run) > 1:
+        plot, summary, markdown = write_comparison(engine, args.run, args.out)
+    else:
+        plot, summary, markdown = write_report(engine, args.run[0], args.out)
     if not args.quiet:
         print(markdown)
     print(f"plot:    {plot}\nsummary: {summary}")

@@ -11,14 +11,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from flows.commands.common import DB_HELP, parse_layers, parse_override
+from flows.commands.common import ALGORITHMS, DB_HELP, add_runtime_options, parse_layers, parse_override, runtime_from_args
 
 
 def add_run_options(parser: argparse.ArgumentParser) -> None:
     """The options that define a new run (shared with ``seqedit serve``)."""
     group = parser.add_argument_group("run settings (a new run)")
     group.add_argument("--config", type=Path, help="YAML file of run settings")
-    group.add_argument("--algo", dest="algorithm", choices=("rome", "memit", "emmet"), help="objective (default emmet)")
+    group.add_argument("--algo", dest="algorithm", choices=ALGORITHMS, help="objective (default emmet)")
     group.add_argument("--model", help="Hugging Face name, local folder or .gguf file (default: SmolLM2-135M)")
     group.add_argument("--hparams", help="hyperparameter set in editing/hparams (default: matched to the model)")
     group.add_argument("--layers", type=parse_layers, help="edit layers, e.g. 3,4,5,6,7")
@@ -37,6 +37,13 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--eval-set", type=parse_override, action="append", default=[], metavar="KEY=VALUE",
                        help="evaluation override, e.g. n_downstream=50 or downstream_tasks='[\"sst2\"]'")
     group.add_argument("--retention-sample", type=int, help="earlier edits re-checked per evaluation (default 64)")
+    group.add_argument("--eval-mode", choices=("inline", "async"), help="inline (default): evaluate in this "
+                       "process; async: submit each point to the evaluate deployment (seqedit deploy-evaluator) "
+                       "and go on editing")
+    group.add_argument("--eval-deployment", help="the evaluate deployment for --eval-mode async "
+                       "(default evaluate/seqedit-evaluate)")
+    group.add_argument("--no-health-checks", dest="health_checks", action="store_false", default=None,
+                       help="skip the cheap check after every batch (norms, v*, perplexity probe)")
     group.add_argument("--collapse-policy", choices=("warn", "stop", "rollback"), help="on collapse (default warn)")
     group.add_argument("--after-rollback", choices=("stop", "continue"), help="after a collapse rollback")
     group.add_argument("--collapse-rule", action="append", default=[], metavar="METRIC:TEST:THRESHOLD",
@@ -44,6 +51,7 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
                             "ratio, below, above)")
     group.add_argument("--save-model", help="write the edited model to this folder when the run stops")
     group.add_argument("--name", help="a name for the run")
+    add_runtime_options(parser)
 
 
 def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -52,7 +60,8 @@ def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
     data: dict[str, Any] = (yaml.safe_load(args.config.read_text()) or {}) if args.config else {}
     for name in ("algorithm", "model", "hparams", "batch_size", "eval_every", "checkpoint_every", "limit",
-                 "fact_pool", "fact_source", "evaluation_profile", "retention_sample", "save_model", "name"):
+                 "fact_pool", "fact_source", "evaluation_profile", "retention_sample", "save_model", "name",
+                 "health_checks", "eval_mode", "eval_deployment"):
         if getattr(args, name) is not None:
             data[name] = getattr(args, name)
     edit = dict(data.get("edit_overrides", {}), **dict(args.edit_set))
@@ -72,6 +81,7 @@ def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
     if args.collapse_rule:
         collapse["rules"] = list(args.collapse_rule)
     data["collapse"] = collapse
+    data["runtime"] = dict(data.get("runtime", {}), **runtime_from_args(args))
     return data
 
 

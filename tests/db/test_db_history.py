@@ -39,7 +39,9 @@ def run_with_history(database):
 def test_metrics_in_long_format(run_with_history):
     database, run = run_with_history
     frame = metrics_frame(database.engine, run.id)
-    assert list(frame.columns) == ["run_id", "evaluation_id", "seq", "name", "split", "value", "status", "created_at"]
+    assert list(frame.columns) == ["run_id", "evaluation_id", "seq", "name", "split", "value", "status", "created_at",
+                                   "kind"]
+    assert set(frame["kind"]) == {"full"}
     assert list(frame["seq"]) == [0, 0, 2, 2, 2]
     es = frame[frame["name"] == "es"].set_index("seq")["value"]
     assert es.to_dict() == {0: 0.1, 2: 0.5}

@@ -128,3 +128,49 @@ def test_deltas_round_trip_through_safetensors_bytes():
     delta = LowRankDelta(torch.randn(5, 2, dtype=torch.float64), torch.randn(3, 2).to(torch.bfloat16))
     back = delta_from_bytes(delta_to_bytes(delta))
     assert torch.equal(back.u, delta.u) and torch.equal(back.v, delta.v) and back.v.dtype == torch.bfloat16
+
+
+def test_the_edit_memory_is_rebuilt_exactly_after_rollback_and_new_batches(database):
+    """S = Σ K_p K_pᵀ over the batches still applied, summed here from the keys the test generated."""
+    from db.replay import edit_memory_at
+
+    engine = database.engine
+    add_facts(engine, 40)
+    weights = random_weights()
+    run = new_run(engine, weights, batch_size=2, checkpoint_every=3)
+    generator = torch.Generator().manual_seed(5)
+    applied: list[dict[int, torch.Tensor]] = []
+
+    def commit_one(writer) -> None:
+        keys = {layer: torch.randn(weight.shape[1], 2, generator=generator) for layer, weight in weights.items()}
+        apply_and_commit(writer, writer.claim_batch(), weights, generator, keys=keys)
+        applied.append(keys)
+
+    def from_scratch(history: list[dict[int, torch.Tensor]]) -> dict[int, torch.Tensor]:
+        memory = {layer: torch.zeros(w.shape[1], w.shape[1], dtype=torch.float64) for layer, w in weights.items()}
+        for keys in history:
+            for layer, k in keys.items():
+                memory[layer] = memory[layer] + k.double() @ k.double().T
+        return memory
+
+    with acquire_writer(engine, run.id) as writer:
+        for _ in range(8):
+            commit_one(writer)
+        for seq in (8, 5):
+            rebuilt = edit_memory_at(engine, run.id, seq)
+            expected = from_scratch(applied[:seq])
+            assert rebuilt.batches == seq
+            assert all(torch.equal(rebuilt.at(layer), expected[layer]) for layer in weights)
+        writer.rollback(3)
+        del applied[3:]
+        weights.update(weights_at(engine, run.id, 3))
+        for _ in range(2):  # batches 4 and 5 again, with other keys
+            commit_one(writer)
+    rebuilt = edit_memory_at(engine, run.id, 5)
+    expected = from_scratch(applied)
+    assert all(torch.equal(rebuilt.at(layer), expected[layer]) for layer in weights)
+    assert edit_memory_at(engine, run.id, 0).layers() == []
+    with transaction(engine, write=True) as session:  # a corrupted key blob is caught
+        session.execute(update(WeightDelta).values(keys_sha256="0" * 64))
+    with pytest.raises(LedgerIntegrityError, match="keys of batch 1"):
+        edit_memory_at(engine, run.id, 2)

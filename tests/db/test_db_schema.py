@@ -15,7 +15,7 @@ from db.models import Base
 from flows.cli import main
 
 LEDGER_TABLES = {"facts", "runs", "rollbacks", "batches", "batch_facts", "weight_deltas", "checkpoints",
-                 "evaluations", "metrics", "alarms"}
+                 "evaluations", "metrics", "alarms", "evaluation_requests"}
 
 
 def _tables(engine) -> set[str]:
@@ -89,12 +89,14 @@ def test_init_command_migrates_the_database(empty_database_url, capsys):
         engine.dispose()
 
 
-def test_a_ledger_written_before_batch_diagnostics_upgrades_and_keeps_working(database):
-    """A ledger at revision 0002 (no ``batches.diagnostics``) with a run in it: upgraded to head, its
-    history reads back (no memorization recorded for old batches) and its weights restore and verify."""
+def test_a_ledger_written_at_revision_0002_upgrades_and_keeps_working(database):
+    """A ledger at revision 0002 (no batch diagnostics, no stored keys, no evaluation kinds) holding a run
+    with batches, checkpoints and evaluations: upgraded to head (SQLite rebuilds referenced tables), its
+    history reads back, its evaluations are ``full`` ones, and its weights restore and verify."""
     import torch
 
-    from db.history import batches_frame
+    from db.evaluations import record_evaluation
+    from db.history import batches_frame, evaluations_frame
     from db.ledger import acquire_writer
     from db.replay import weights_at
     from fixtures.database import add_facts, apply_and_commit, new_run, random_weights
@@ -107,6 +109,8 @@ def test_a_ledger_written_before_batch_diagnostics_upgrades_and_keeps_working(da
     with acquire_writer(engine, run.id) as writer:
         for _ in range(2):
             apply_and_commit(writer, writer.claim_batch(), weights, generator)
+    for seq in (0, 2):
+        record_evaluation(engine, run.id, seq, [("ppl.x", 10.0 + seq)])
     downgrade(database.url, "0002")
     engine.dispose()
     assert "diagnostics" not in {column["name"] for column in inspect(engine).get_columns("batches")}
@@ -116,3 +120,5 @@ def test_a_ledger_written_before_batch_diagnostics_upgrades_and_keeps_working(da
     assert not [column for column in frame.columns if column.startswith("memorization_")]
     restored = weights_at(engine, run.id, 2)
     assert all(torch.equal(restored[layer], weights[layer]) for layer in weights)
+    evaluations = evaluations_frame(engine, run.id)
+    assert list(evaluations["seq"]) == [0, 2] and set(evaluations["kind"]) == {"full"}

@@ -70,7 +70,7 @@ def test_unknown_distributions_and_layer_counts_are_rejected():
 
 # -- MATH.md's edit distribution, checked against the model itself and a loop written here ------------------
 from editing.config import ObjectiveParams  # noqa: E402
-from editing.distribution import distribute  # noqa: E402
+from editing.distribution import LayerSolver, distribute  # noqa: E402
 from editing.keys_values import build_rewrite_rows  # noqa: E402
 
 SPREAD_LAYERS = (1, 2, 3)
@@ -113,8 +113,7 @@ def test_spread_emmet_on_bare_prompts_reaches_the_targets_at_the_last_layer(tiny
     and the last layer the rest: the residual at l_T on each bare prompt becomes its target z."""
     adapter, moments, targets = _spread_setup(tiny_model, facts)
     rows = build_rewrite_rows(adapter, facts, ("",), with_targets=False)
-    updates = distribute(adapter, rows, len(facts), targets, SPREAD_LAYERS, MemitSpread(), "emmet", moments,
-                         EXACT_EMMET)
+    updates = distribute(adapter, rows, targets, SPREAD_LAYERS, MemitSpread(), LayerSolver("emmet", EXACT_EMMET, moments))
     _, reached = _bare_states(adapter, facts, SPREAD_LAYERS[-1])
     error = torch.linalg.norm(reached.T - targets.double(), dim=1) / torch.linalg.norm(targets.double(), dim=1)
     assert error.max() < 1e-4, error
@@ -147,7 +146,7 @@ def test_the_shares_apply_to_residuals_re_read_after_each_layer(tiny_model, fact
     expected, read_once = loop(re_read=True), loop(re_read=False)
     adapter.restore({layer: weight.float() for layer, weight in pristine.items()})
     rows = build_rewrite_rows(adapter, facts, ("",), with_targets=False)
-    distribute(adapter, rows, len(facts), targets, SPREAD_LAYERS, MemitSpread(), "emmet", moments, EXACT_EMMET)
+    distribute(adapter, rows, targets, SPREAD_LAYERS, MemitSpread(), LayerSolver("emmet", EXACT_EMMET, moments))
     for layer in SPREAD_LAYERS:
         scale = float((expected[layer] - pristine[layer].float()).norm())
         assert float((adapter.weight(layer).detach() - expected[layer]).norm()) < 1e-3 * scale

@@ -87,3 +87,23 @@ def test_model_parameters_keep_their_grad_flags(tiny_model, facts):
     compute_value_targets(adapter, facts[:1], 0, ("",), ValueParams(steps=2))
     assert [p.requires_grad for p in adapter.model.parameters()] == flags
     assert all(p.grad is None for p in adapter.model.parameters())
+
+
+@pytest.mark.smollm
+def test_most_probable_early_stopping_stops_a_fact_whose_target_already_leads(smollm2, eiffel_fact):
+    """SmolLM2 already continues the Eiffel Tower prompt with " Paris": asked to make Paris the target, MPES
+    stops it after 1 + k evaluations, while without MPES it runs every step (the loss threshold is 0)."""
+    from dataclasses import replace
+
+    fact = replace(eiffel_fact, target_new="Paris", target_true="Rome")
+    base = ValueParams(steps=4, loss_threshold=0.0, n_prefixes=0)
+    layer = 6
+    without = compute_value_targets(smollm2, [fact], layer, ("",), base)
+    assert without.stop_reasons == ("steps",) and int(without.steps[0]) == 4
+    for extra in (0, 2):
+        with_mpes = compute_value_targets(smollm2, [fact], layer, ("",), replace(base, mpes_extra_steps=extra))
+        assert with_mpes.stop_reasons == ("most_probable",)
+        assert int(with_mpes.steps[0]) == 1 + extra
+    # a target the model does not predict yet (Rome) is optimised until it leads
+    other = compute_value_targets(smollm2, [eiffel_fact], layer, ("",), replace(base, mpes_extra_steps=0))
+    assert int(other.steps[0]) > 1 and float(other.final_nll[0]) < float(other.initial_nll[0])

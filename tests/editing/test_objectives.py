@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -158,3 +160,87 @@ def test_a_rank_deficient_c0_is_solved_with_a_ridge_and_a_warning(name, caplog):
     assert torch.isfinite(dense).all()
     if name == "emmet":  # the constraints still hold
         torch.testing.assert_close((w0 + dense) @ k_e, v_e, rtol=1e-6, atol=1e-6)
+
+
+# -- lifelong objectives: the edit memory S and C0's null space ----------------------------------------------
+def _memory(seed: int, d_in: int, edits: int = 12) -> torch.Tensor:
+    keys = torch.randn(d_in, edits, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return keys @ keys.T
+
+
+def _null_space(c0: torch.Tensor, threshold: float) -> torch.Tensor:
+    eigenvalues, eigenvectors = torch.linalg.eigh(c0)
+    return eigenvectors[:, eigenvalues < threshold]
+
+
+@settings(max_examples=20, deadline=None)
+@given(dims)
+def test_alphaedit_without_memory_and_a_full_null_space_is_ridge_least_squares(case):
+    """P = I (the threshold above every eigenvalue) and S = 0: ΔW = R K_Eᵀ (K_E K_Eᵀ + ρ I)⁻¹."""
+    w0, c0, k_e, v_e = problem(*case)
+    params = ObjectiveParams(alphaedit_ridge=3.0)
+    basis = _null_space(c0, float(torch.linalg.eigvalsh(c0).max()) + 1.0)
+    assert basis.shape[1] == c0.shape[0]
+    delta = solve("alphaedit", w0, c0, k_e, v_e, params, null_space=basis)
+    identity = torch.eye(c0.shape[0], dtype=c0.dtype)
+    expected = (v_e - w0 @ k_e) @ k_e.T @ torch.linalg.inv(k_e @ k_e.T + 3.0 * identity)
+    torch.testing.assert_close(delta.u @ delta.v.T, expected, rtol=1e-8, atol=1e-10)
+    empty = solve("alphaedit", w0, c0, k_e, v_e, params, null_space=_null_space(c0, -1.0))  # P = 0
+    assert torch.count_nonzero(empty.u @ empty.v.T) == 0
+
+
+@settings(max_examples=20, deadline=None)
+@given(dims)
+def test_alphaedit_is_its_projected_closed_form_and_spares_the_preserved_directions(case):
+    w0, c0, k_e, v_e = problem(*case)
+    threshold = float(torch.linalg.eigvalsh(c0).median())
+    basis = _null_space(c0, threshold)
+    memory = _memory(case[0] + 1, c0.shape[0])
+    params = ObjectiveParams(alphaedit_ridge=10.0)
+    delta = solve("alphaedit", w0, c0, k_e, v_e, params, edit_memory=memory, null_space=basis)
+    p = basis @ basis.T
+    identity = torch.eye(c0.shape[0], dtype=c0.dtype)
+    x = torch.linalg.inv(p @ (memory + k_e @ k_e.T) + 10.0 * identity) @ p @ k_e @ (v_e - w0 @ k_e).T
+    dense = delta.u @ delta.v.T
+    torch.testing.assert_close(dense, x.T, rtol=1e-8, atol=1e-10)
+    preserved = _null_space(-c0, -threshold)  # eigenvectors with eigenvalues ≥ the threshold
+    assert torch.linalg.norm(dense @ preserved) < 1e-9 * torch.linalg.norm(dense)
+
+
+@settings(max_examples=20, deadline=None)
+@given(dims)
+def test_encore_is_memit_with_the_edit_memory_and_a_norm_penalty(case):
+    w0, c0, k_e, v_e = problem(*case)
+    plain = ObjectiveParams(mom2_update_weight=4.0, update_norm_lambda=0.0)
+    without = solve("encore", w0, c0, k_e, v_e, plain)  # S = 0, λ_n = 0: MEMIT itself
+    memit = solve("memit", w0, c0, k_e, v_e, plain)
+    torch.testing.assert_close(without.u @ without.v.T, memit.u @ memit.v.T, rtol=1e-10, atol=1e-12)
+    memory = _memory(case[0], c0.shape[0])
+    params = ObjectiveParams(mom2_update_weight=4.0, update_norm_lambda=10.0)
+    encore = solve("encore", w0, c0, k_e, v_e, params, edit_memory=memory)
+    identity = torch.eye(c0.shape[0], dtype=c0.dtype)
+    expected = (v_e - w0 @ k_e) @ k_e.T @ torch.linalg.inv(4.0 * c0 + memory + k_e @ k_e.T + 10.0 * identity)
+    torch.testing.assert_close(encore.u @ encore.v.T, expected, rtol=1e-8, atol=1e-10)
+    # MEMIT reads the memory only when asked to preserve earlier edits
+    ignored = solve("memit", w0, c0, k_e, v_e, params, edit_memory=memory)
+    preserved = solve("memit", w0, c0, k_e, v_e, replace(params, preserve_edits=True), edit_memory=memory)
+    torch.testing.assert_close(preserved.u @ preserved.v.T, expected, rtol=1e-8, atol=1e-10)
+    assert not torch.allclose(ignored.u @ ignored.v.T, expected)
+
+
+def test_emmet_preserving_edits_keeps_its_constraints_with_s_in_c():
+    w0, c0, k_e, v_e = problem(21, 32, 16, 4)
+    memory = _memory(3, 32)
+    params = ObjectiveParams(mom2_update_weight=2.0, emmet_lambda=0.0, preserve_edits=True)
+    delta = solve("emmet", w0, c0, k_e, v_e, params, edit_memory=memory)
+    c_inv = torch.linalg.inv(2.0 * c0 + memory)
+    expected = (v_e - w0 @ k_e) @ torch.linalg.inv(k_e.T @ c_inv @ k_e) @ k_e.T @ c_inv
+    torch.testing.assert_close(delta.u @ delta.v.T, expected, rtol=1e-8, atol=1e-10)
+
+
+def test_the_solve_dtype_can_be_float32():
+    w0, c0, k_e, v_e = problem(7, 32, 16, 4)
+    delta = solve("emmet", w0, c0, k_e, v_e, PLAIN, dtype=torch.float32)
+    assert delta.u.dtype == delta.v.dtype == torch.float32
+    edited = w0 + (delta.u @ delta.v.T).double()
+    assert torch.linalg.norm(edited @ k_e - v_e) / torch.linalg.norm(v_e) < 1e-4

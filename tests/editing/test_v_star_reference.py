@@ -42,9 +42,11 @@ def _last_subject_token(tokenizer, text: str, subject_end: int) -> tuple[list[in
     raise AssertionError(f"no token ends the subject in {text!r}")
 
 
-def plain_v_star(model, tokenizer, fact: Fact, params: ValueParams) -> torch.Tensor:
-    """``z = h + δ`` for one fact, by the procedure of MATH.md, one prompt per forward pass."""
-    block = model.model.layers[LAYER]
+def plain_v_star(adapter, fact: Fact, layer: int, params: ValueParams) -> torch.Tensor:
+    """``z = h + δ`` for one fact, by the procedure of MATH.md, one prompt per forward pass of the whole
+    model (GPT-2, GPT-J and Llama blocks all call their MLP ``mlp``)."""
+    model, tokenizer = adapter.model, adapter.tokenizer
+    block = adapter.blocks[layer]
     site = block.mlp if params.norm_anchor == "mlp_output" else block
     target = tokenizer(" " + fact.target_new, add_special_tokens=False)["input_ids"]
     subject_end = fact.prompt.index("{}") + len(fact.subject)
@@ -114,9 +116,24 @@ def three_facts() -> list[Fact]:
     return [fact_from_record(record, index) for index, record in enumerate(records[600:603])]
 
 
+@pytest.mark.parametrize("family", ["gpt2", "gptj", "llama"])
+def test_upper_layer_v_star_equals_full_model_passes_for_every_family(tiny_model, three_facts, family):
+    """The engine runs only the blocks above the edit layer; the reference runs the whole model each time."""
+    adapter = tiny_model(family, n_layers=4)
+    params = replace(PARAMS, steps=5, clamp_norm_factor=2.0)
+    engine = compute_value_targets(adapter, three_facts, 1, PREFIXES, params, rows_per_chunk=4)
+    for parameter in adapter.model.parameters():
+        parameter.requires_grad_(False)
+    for index, fact in enumerate(three_facts):
+        expected = plain_v_star(adapter, fact, 1, params)
+        error = torch.linalg.norm(engine.z[index] - expected) / torch.linalg.norm(expected)
+        assert error < 1e-4, f"{family}, {fact.subject}: relative difference {error:.2e}"
+    assert torch.all(engine.final_nll < engine.initial_nll)
+
+
 @pytest.mark.smollm
 def test_batched_v_star_equals_the_plain_per_fact_procedure_for_both_anchors(smollm2, three_facts):
-    model, tokenizer = smollm2.model, smollm2.tokenizer
+    model = smollm2.model
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     targets = {}
@@ -124,7 +141,7 @@ def test_batched_v_star_equals_the_plain_per_fact_procedure_for_both_anchors(smo
         params = replace(PARAMS, norm_anchor=anchor)
         engine = compute_value_targets(smollm2, three_facts, LAYER, PREFIXES, params)
         for index, fact in enumerate(three_facts):
-            expected = plain_v_star(model, tokenizer, fact, params)
+            expected = plain_v_star(smollm2, fact, LAYER, params)
             error = torch.linalg.norm(engine.z[index] - expected) / torch.linalg.norm(expected)
             assert error < 2e-3, f"{anchor}, {fact.subject}: relative difference {error:.2e}"
         targets[anchor] = engine.z

@@ -11,6 +11,7 @@ import torch
 from db.evaluations import record_alarm, record_evaluation
 from db.ledger import acquire_writer
 from flows.cli import main
+from flows.reporting import first_alarms
 from fixtures.database import add_facts, apply_and_commit, new_run, random_weights
 
 
@@ -92,3 +93,38 @@ def test_serve_builds_a_cron_deployment_that_resumes_the_run(tmp_path):
     assert deployment.parameters == {"run_id": 7, "db_url": f"sqlite:///{tmp_path / 'l.db'}"}
     (schedule,) = deployment.schedules
     assert (schedule.schedule.cron, schedule.schedule.timezone) == ("0 2 * * *", "Europe/Paris")
+
+
+def test_report_compares_runs_on_shared_axes_with_their_first_alarms(recorded_run, tmp_path, capsys):
+    database, first = recorded_run
+    engine = database.engine
+    add_facts(engine, 6, start=100)
+    weights = random_weights(seed=3)
+    second = new_run(engine, weights, batch_size=3, name="other")
+    generator = torch.Generator().manual_seed(1)
+    with acquire_writer(engine, second.id) as writer:
+        for _ in range(2):
+            apply_and_commit(writer, writer.claim_batch(), weights, generator)
+    for seq in (0, 1, 2):
+        record_evaluation(engine, second.id, seq, [("es", 0.9), ("ppl.probe", 10.0 + 5 * seq)], kind="health")
+    record_alarm(engine, second.id, 1, rule="ppl.*:ratio:1.2", metric="ppl.probe", value=15.0, baseline=10.0,
+                 threshold=1.2, action="warn", message="ppl.probe = 15")
+    out = tmp_path / "compare"
+    assert main(["report", "--db", database.url, "--run", str(first), "--run", str(second.id),
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    plot, summary = out / f"compare-runs-{first}-{second.id}.png", out / f"compare-runs-{first}-{second.id}.md"
+    assert plot.stat().st_size > 10_000 and summary.read_text() in printed
+    assert "## First collapse alarm" in printed and "ppl.*:ratio:1.2" in printed
+    alarms = first_alarms(engine, [first, second.id]).set_index("run")
+    # the first run's alarm fired at batch 4 (8 facts in the model), later rolled back; the second's at batch 1
+    assert (alarms.loc[first, "first_alarm_seq"], alarms.loc[first, "first_alarm_edits"]) == (4, 8)
+    assert (alarms.loc[second.id, "first_alarm_seq"], alarms.loc[second.id, "first_alarm_edits"]) == (1, 3)
+    assert alarms.loc[second.id, "metric"] == "ppl.probe" and alarms.loc[first, "edits"] == 6
+
+
+def test_the_cli_offers_every_objective():
+    from editing.objectives import OBJECTIVES
+    from flows.commands.common import ALGORITHMS
+
+    assert sorted(ALGORITHMS) == sorted(OBJECTIVES)

@@ -104,3 +104,25 @@ def test_a_destructive_run_trips_the_detector_and_is_rolled_back(database):
     assert set(metrics_frame(engine, run.id)["seq"]) == {0}  # the collapsed evaluation is marked rolled back
     offending = facts_frame(engine, source=SOURCE)
     assert (offending["status"] == "rolled_back").sum() == batches["n_facts"].sum()
+
+
+@pytest.mark.usefixtures("prefect_server")
+@pytest.mark.parametrize("empty_database_url", ["sqlite"], indirect=True)
+def test_the_health_check_catches_a_disabling_batch_between_evaluation_points(database):
+    """Evaluation only every 3 batches, but the health check after batch 1 sees the damage at once."""
+    engine = database.engine
+    ingest_counterfact(engine)
+    settings = fast_settings(edit_overrides={**fast_settings().edit_overrides, **DESTRUCTIVE_EDIT}, limit=24,
+                             eval_every=3, collapse={"action": "stop"})
+    outcome = sequential_edit(settings=settings.to_dict(), db_url=database.url)
+    assert (outcome["status"], outcome["seq"]) == ("stopped", 1)
+    alarms = alarms_frame(engine, outcome["run_id"])
+    assert set(alarms["seq"]) == {1}
+    fired = set(alarms["metric"])
+    assert "ppl.probe" in fired and any(metric.startswith("norm.w.") for metric in fired), fired
+    health = metrics_frame(engine, outcome["run_id"], kind="health")
+    assert sorted(health["seq"].unique()) == [1]
+    at_1 = health.set_index("name")["value"]
+    assert at_1["norm.batch_dw.3"] > 0 and at_1["vstar.steps"] >= 1 and at_1["norm.rel_dw.4"] > 0.5
+    baseline = metrics_frame(engine, outcome["run_id"], kind="full")
+    assert "ppl.probe" in set(baseline[baseline["seq"] == 0]["name"])  # the probe's baseline is the seq-0 point

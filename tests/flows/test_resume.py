@@ -121,3 +121,26 @@ def test_a_killed_run_resumes_to_the_same_weights(ledger, tmp_path: Path, prefec
     assert list(batches["batch_id"][:len(interrupted)]) == list(interrupted["batch_id"])  # a crashed batch is finished
     assert _hashes(engine, run_id) == reference
 
+
+
+@pytest.mark.parametrize("algorithm", ["encore", "alphaedit"])
+def test_a_lifelong_run_rolled_back_and_resumed_rebuilds_its_edit_memory(ledger, algorithm):
+    """The edit memory S decides every later update of these objectives: a run rolled back to batch 1 and
+    edited on must rebuild S from the ledger without batch 2's keys, exactly, or batch 3 comes out different
+    from an uninterrupted run's (both runs edit the same facts, private pools)."""
+    from flows.pipeline import rollback_run
+
+    url, engine, _, _ = ledger
+    settings = fast_settings(algorithm=algorithm, fact_pool="private", eval_every=0, health_checks=False)
+    reference = sequential_edit(settings=fast_settings(**{**settings.to_dict(), "limit": 24}).to_dict(), db_url=url)
+    interrupted = sequential_edit(settings=fast_settings(**{**settings.to_dict(), "limit": 16}).to_dict(), db_url=url)
+    rollback_run(run_id=interrupted["run_id"], to_seq=1, db_url=url)
+    finished = sequential_edit(run_id=interrupted["run_id"], db_url=url)  # redoes batch 2, then batch 3 (limit 24)
+    assert finished["seq"] == 2  # the limit counts applied facts: 16 again after the rollback
+    _assert_prefix_hashes(engine, reference["run_id"], interrupted["run_id"], upto=2)
+
+
+def _assert_prefix_hashes(engine, reference: int, run: int, upto: int) -> None:
+    expected, actual = _hashes(engine, reference), _hashes(engine, run)
+    for seq in range(1, upto + 1):
+        assert {k: v for k, v in actual.items() if k[0] == seq} == {k: v for k, v in expected.items() if k[0] == seq}
