@@ -93,7 +93,7 @@ def timed(device: torch.device, work: Callable[[], T]) -> tuple[T, float, int]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="1,8,32,128")
-    parser.add_argument("--algo", default="emmet", choices=("memit", "emmet"))
+    parser.add_argument("--algo", default="emmet", choices=("memit", "emmet", "alphaedit", "encore"))
     parser.add_argument("--data", type=Path, default=TRAIN)
     parser.add_argument("--offset", type=int, default=2000, help="first record (default: outside the tuning slice)")
     parser.add_argument("--naive-facts", type=int, default=32, help="facts the naive loop edits (largest B ≤ this)")
@@ -124,7 +124,8 @@ def main() -> int:
         quality = counterfact_metrics(adapter, facts).metrics()
         row = {"batch_size": size, "engine_facts_per_s": size / seconds, "engine_v_star_facts_per_s":
                size / edit.seconds["v_star"], "naive_facts_per_s": naive["facts_per_s"],
-               "speedup": (size / seconds) / naive["facts_per_s"], "engine_steps_mean": float(edit.values.steps.float().mean()),
+               "speedup": (size / seconds) / naive["facts_per_s"],
+               "engine_steps_mean": float(edit.values.steps.float().mean()),
                "engine_stop_reasons": {r: edit.values.stop_reasons.count(r) for r in set(edit.values.stop_reasons)},
                "engine_peak_mib": peak / 2**20, **{f"engine_{k}": quality.get(k) for k in QUALITY}}
         if size == naive_size:
@@ -133,7 +134,8 @@ def main() -> int:
         if not args.json:
             both = (f"  |  ES/PS/NS engine {_q(quality)}  naive {_q(naive['quality'])}" if size == naive_size else
                     f"  |  ES/PS/NS engine {_q(quality)}")
-            print(f"B={size:4d}  engine {row['engine_facts_per_s']:7.3f} facts/s (v* steps {row['engine_steps_mean']:.1f}) "
+            print(f"B={size:4d}  engine {row['engine_facts_per_s']:7.3f} facts/s "
+                  f"(v* steps {row['engine_steps_mean']:.1f}) "
                   f"vs naive {naive['facts_per_s']:7.3f} facts/s: x{row['speedup']:.1f}{both}  "
                   f"peak {row['engine_peak_mib']:.0f} MiB", flush=True)
     adapter.restore(original)
@@ -163,7 +165,8 @@ def naive_edit(adapter, editor: Editor, facts: list, device: torch.device) -> di
             parameter.requires_grad_(flag)
     rows = build_rewrite_rows(adapter, facts, tuple(prefixes), with_targets=False)
     distribute(adapter, rows, targets, editor.layers, editor.distribution, editor.solver)
-    return {"facts_per_s": len(facts) / seconds, "seconds": seconds, "quality": counterfact_metrics(adapter, facts).metrics()}
+    return {"facts_per_s": len(facts) / seconds, "seconds": seconds,
+            "quality": counterfact_metrics(adapter, facts).metrics()}
 
 
 def _q(metrics: dict) -> str:

@@ -33,7 +33,8 @@ from editing.facts import fact_from_record
 from editing.models import load_model
 from editing.runtime import Runtime
 
-TRAIN = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "counterfact" / "counterfact-easyedit-train.json"
+TRAIN = (Path(__file__).resolve().parents[1].parent / "shared" / "data" / "counterfact"
+         / "counterfact-easyedit-train.json")
 PROBES = ("The city of", "My favourite food is", "The history of science", "In the morning, I")
 
 
@@ -113,7 +114,8 @@ def main() -> int:
         print(json.dumps(summary))
     else:
         cf = summary["counterfact"]
-        print(f"CounterFact, {len(facts)} facts ({n_pairs} prompt/target pairs): batched {cf['batched_facts_per_s']:.2f} "
+        print(f"CounterFact, {len(facts)} facts ({n_pairs} prompt/target pairs): "
+              f"batched {cf['batched_facts_per_s']:.2f} "
               f"facts/s, one at a time {cf['one_at_a_time_facts_per_s']:.2f} facts/s: x{cf['ratio']:.1f} "
               f"(largest NLL difference {max_difference:.1e})")
         gen = summary["generation"]

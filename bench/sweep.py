@@ -34,6 +34,7 @@ from editing.keys_values import ValueTargets, build_rewrite_rows, compute_value_
 from editing.models import load_model
 from editing.prefixes import generate_prefixes
 from editing.stats import second_moments
+from flows.commands.common import ALGORITHMS
 from flows.one_shot import METRIC_KEYS
 
 COUNTERFACT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "counterfact" / "counterfact-1000.json"
@@ -41,7 +42,7 @@ COUNTERFACT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--algo", default="emmet", choices=("rome", "memit", "emmet"))
+    parser.add_argument("--algo", default="emmet", choices=ALGORITHMS)
     parser.add_argument("--facts", type=int, default=16)
     parser.add_argument("--data", type=Path, default=COUNTERFACT, help="CounterFact JSON (full or EasyEdit schema)")
     parser.add_argument("--offset", type=int, default=0, help="first record used")

@@ -18,7 +18,8 @@ from sqlalchemy.orm import Session
 
 from db.engine import transaction
 from db.errors import BatchStateError
-from db.models import EVALUATION_KINDS, AlarmRecord, BatchRecord, BatchStatus, EvaluationRecord, EvaluationStatus, MetricRecord
+from db.models import (EVALUATION_KINDS, AlarmRecord, BatchRecord, BatchStatus, EvaluationRecord, EvaluationStatus,
+                       MetricRecord)
 from db.evaluation_requests import complete_request
 from db.runs import load_run
 

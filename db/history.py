@@ -115,7 +115,8 @@ def evaluations_frame(engine: Engine, run_id: int, include_rolled_back: bool = F
 def alarms_frame(engine: Engine, run_id: int) -> pd.DataFrame:
     """Every collapse alarm of a run, in the order raised."""
     seq = func.coalesce(BatchRecord.seq, 0).label("seq")
-    query = (select(AlarmRecord.id.label("alarm_id"), seq, AlarmRecord.batch_id, AlarmRecord.evaluation_id, AlarmRecord.rule,
+    query = (select(AlarmRecord.id.label("alarm_id"), seq, AlarmRecord.batch_id, AlarmRecord.evaluation_id,
+                    AlarmRecord.rule,
                     AlarmRecord.metric, AlarmRecord.value, AlarmRecord.baseline, AlarmRecord.threshold,
                     AlarmRecord.action, AlarmRecord.message, AlarmRecord.created_at)
              .outerjoin(BatchRecord, AlarmRecord.batch_id == BatchRecord.id)

@@ -11,7 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from flows.commands.common import ALGORITHMS, DB_HELP, add_runtime_options, parse_layers, parse_override, runtime_from_args
+from flows.commands.common import (ALGORITHMS, DB_HELP, add_runtime_options, parse_layers, parse_override,
+                                   runtime_from_args)
 
 
 def add_run_options(parser: argparse.ArgumentParser) -> None:

@@ -113,7 +113,8 @@ def test_spread_emmet_on_bare_prompts_reaches_the_targets_at_the_last_layer(tiny
     and the last layer the rest: the residual at l_T on each bare prompt becomes its target z."""
     adapter, moments, targets = _spread_setup(tiny_model, facts)
     rows = build_rewrite_rows(adapter, facts, ("",), with_targets=False)
-    updates = distribute(adapter, rows, targets, SPREAD_LAYERS, MemitSpread(), LayerSolver("emmet", EXACT_EMMET, moments))
+    updates = distribute(adapter, rows, targets, SPREAD_LAYERS, MemitSpread(),
+                         LayerSolver("emmet", EXACT_EMMET, moments))
     _, reached = _bare_states(adapter, facts, SPREAD_LAYERS[-1])
     error = torch.linalg.norm(reached.T - targets.double(), dim=1) / torch.linalg.norm(targets.double(), dim=1)
     assert error.max() < 1e-4, error

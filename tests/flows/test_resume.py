@@ -62,8 +62,10 @@ def ledger(tmp_path_factory: pytest.TempPathFactory, prefect_server: str):
 
 def test_a_last_batch_between_evaluation_points_is_scored_by_the_final_evaluation(ledger):
     _, engine, run_id, _ = ledger
-    metrics = metrics_frame(engine, run_id)
+    metrics = metrics_frame(engine, run_id, kind="full")
     assert sorted(metrics["seq"].unique()) == [0, 2, 3]
+    health = metrics_frame(engine, run_id, kind="health")
+    assert sorted(health["seq"].unique()) == [1, 2, 3]  # every batch gets its health check
     final = metrics[metrics["seq"] == 3].set_index("name")["value"]
     assert {"es", "ps", "ns", "retention.es", "ge"} <= set(final.index)
     assert final["es"] >= 0.5  # batch 3's eight facts, mostly edited (6 v* steps)
