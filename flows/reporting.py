@@ -243,16 +243,24 @@ def plot_comparison(engine: Engine, run_ids: list[int], path: Path) -> Path:
 
 
 def comparison_markdown(engine: Engine, run_ids: list[int]) -> str:
-    """The first-alarm table of the runs, then each run's last full evaluation side by side."""
+    """The first-alarm table of the runs, then every full evaluation of each run in edit order, with
+    ``‖W − W0‖`` of its last edited layer: a study reads its milestones (ES, retention, perplexity,
+    downstream accuracy, norm growth at 500, 1,000, … edits) off this one table."""
     alarms = first_alarms(engine, run_ids)
     lines = [f"# Runs {', '.join(map(str, run_ids))} compared", "", "## First collapse alarm", "",
              _markdown(alarms.fillna("—")), ""]
-    last = []
-    for run_id in run_ids:
-        wide = metrics_wide(engine, run_id, kind="full")
-        if not wide.empty:
-            row = summary_table(wide).iloc[-1].to_dict()
-            last.append({"run": run_id, **row})
-    if last:
-        lines += ["## Last full evaluation", "", _markdown(pd.DataFrame(last)), ""]
+    wides = {run_id: metrics_wide(engine, run_id, kind="full") for run_id in run_ids}
+    points = [_evaluation_points(run_id, wide) for run_id, wide in wides.items() if not wide.empty]
+    if points:
+        lines += ["## Full evaluations", "", _markdown(pd.concat(points, ignore_index=True)), ""]
     return "\n".join(lines)
+
+
+def _evaluation_points(run_id: int, wide: pd.DataFrame) -> pd.DataFrame:
+    """A run's full evaluations as :func:`summary_table` rows, plus the last edited layer's ``‖W − W0‖``."""
+    table = summary_table(wide).copy()
+    column = _last_layer_column(wide, FAMILIES["norm_dw"])
+    if column in wide.columns:
+        table[column] = wide[column].to_numpy()
+    table.insert(0, "run", run_id)
+    return table

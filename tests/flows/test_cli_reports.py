@@ -116,6 +116,11 @@ def test_report_compares_runs_on_shared_axes_with_their_first_alarms(recorded_ru
     plot, summary = out / f"compare-runs-{first}-{second.id}.png", out / f"compare-runs-{first}-{second.id}.md"
     assert plot.stat().st_size > 10_000 and summary.read_text() in printed
     assert "## First collapse alarm" in printed and "ppl.*:ratio:1.2" in printed
+    # every active full evaluation (batch 4's was rolled back; the second run has health checks only)
+    points = printed[printed.index("## Full evaluations"):].splitlines()
+    assert "norm.dw.1" in points[2]
+    assert [row.split("|")[1:3] for row in points[4:] if row.startswith("|")] == [
+        [f" {first} ", " 0 "], [f" {first} ", " 2 "]]
     alarms = first_alarms(engine, [first, second.id]).set_index("run")
     # the first run's alarm fired at batch 4 (8 facts in the model), later rolled back; the second's at batch 1
     assert (alarms.loc[first, "first_alarm_seq"], alarms.loc[first, "first_alarm_edits"]) == (4, 8)

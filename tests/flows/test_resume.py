@@ -12,6 +12,7 @@ doubled.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -24,9 +25,10 @@ import yaml
 from sqlalchemy import select
 
 from db.engine import make_engine
-from db.history import batches_frame, metrics_frame, runs_frame
+from db.history import applied_facts, batches_frame, metrics_frame, runs_frame
 from db.migrate import upgrade
 from db.models import BatchRecord, BatchStatus, WeightDelta
+from flows.model_export import export_model
 from flows.pipeline import sequential_edit
 from fixtures.runs import fast_settings, ingest_counterfact
 
@@ -65,10 +67,57 @@ def test_a_last_batch_between_evaluation_points_is_scored_by_the_final_evaluatio
     metrics = metrics_frame(engine, run_id, kind="full")
     assert sorted(metrics["seq"].unique()) == [0, 2, 3]
     health = metrics_frame(engine, run_id, kind="health")
-    assert sorted(health["seq"].unique()) == [1, 2, 3]  # every batch gets its health check
+    # the batches between evaluation points get a health check (batch 2 has its full evaluation instead)
+    assert sorted(health["seq"].unique()) == [1, 3]
     final = metrics[metrics["seq"] == 3].set_index("name")["value"]
     assert {"es", "ps", "ns", "retention.es", "ge"} <= set(final.index)
     assert final["es"] >= 0.5  # batch 3's eight facts, mostly edited (6 v* steps)
+
+
+PLAIN_ES = """
+import hashlib, json, sys
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+folder, layers, facts = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+tokenizer = AutoTokenizer.from_pretrained(folder)
+hashes = {}
+for layer in layers:
+    matrix = model.model.layers[layer].mlp.down_proj.weight.detach()
+    header = f"{matrix.dtype}|{tuple(matrix.shape)}|".encode()
+    hashes[str(layer)] = hashlib.sha256(header + matrix.numpy().tobytes()).hexdigest()
+
+def mean_nll(prompt, target):
+    context = tokenizer(prompt)["input_ids"]
+    answer = tokenizer(" " + target.strip(), add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logits = model(torch.tensor([context + answer])).logits[0]
+    log_probs = torch.log_softmax(logits[len(context) - 1:-1].double(), dim=-1)
+    return -float(log_probs[torch.arange(len(answer)), torch.tensor(answer)].mean())
+
+wins = [mean_nll(prompt, new) < mean_nll(prompt, true) for prompt, new, true in facts]
+print(json.dumps({"sha256": hashes, "es": sum(wins) / len(wins)}))
+"""
+"""ES of a list of (prompt, new, true) with nothing but torch and transformers: the mean per-token NLL of
+`` " " + target`` after the prompt, as MATH.md defines the CounterFact probabilities."""
+
+
+def test_the_exported_run_gives_plain_transformers_its_hashes_and_final_es(ledger, tmp_path: Path):
+    """``seqedit export-model`` of the run's last batch, loaded in a separate interpreter that never
+    imports seqedit, has the ledger's layer hashes and scores batch 3's facts with the ES the run recorded."""
+    _, engine, run_id, hashes = ledger
+    folder = export_model(engine, run_id, None, tmp_path / "model")
+    batch_3 = [fact for _, fact in applied_facts(engine, run_id)][16:24]
+    facts = [[fact.rewrite_prompt, fact.target_new, fact.target_true] for fact in batch_3]
+    plain = subprocess.run([sys.executable, "-I", "-c", PLAIN_ES, str(folder), "[3, 4]", json.dumps(facts)],
+                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    measured = json.loads(plain.stdout.strip().splitlines()[-1])
+    assert measured["sha256"] == {str(layer): hashes[(3, layer)] for layer in (3, 4)}
+    recorded = metrics_frame(engine, run_id, kind="full")
+    final_es = recorded[(recorded["seq"] == 3) & (recorded["name"] == "es")]["value"].item()
+    assert measured["es"] == pytest.approx(final_es, abs=1e-9)
 
 
 def _start_worker(url: str, config: Path, api_url: str, failpoint: str | None) -> subprocess.Popen:

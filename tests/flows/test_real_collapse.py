@@ -1,0 +1,56 @@
+"""A real sequential run on SmolLM2 trips the collapse detector by itself.
+
+Nothing is destroyed on purpose: ROME, one fact per batch, the SmolLM2 hparams as shipped (v* without
+context prefixes, as in the lifelong study), the first facts of ``counterfact-easyedit-edit.json`` in
+order, the default collapse rules and the health check after every batch. In the lifelong study
+(``bench/lifelong_study.sh``, issue 11's note) this run's first alarm came at edit 113: each rank-one
+ROME update adds a ‖ΔW‖ of ~16 to layer 6's down-projection (‖W0‖ ≈ 176) in a new direction, so
+‖W‖ grows like √n until ``norm.w.6`` = 263.9 tripped ``norm.w.*:ratio:1.5``. The damage was real by
+then: the perplexity probe up 15 % (43.2 → 49.6), generation entropy down 1.2 bits at edit 100 (5.17 →
+3.97, repetitive text), while every edit still held (ES and retention 1.0). The run is given a margin
+beyond that edit and must stop there, on its own, with the alarm recorded against the batch that made it.
+Minutes on the 2-core CPU: marked ``slow`` (``pytest -m slow``).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from db.history import alarms_frame, batches_frame, metrics_frame
+from db.ingest import ingest_file
+from flows.pipeline import sequential_edit
+from flows.settings import RunSettings
+from fixtures.models import COUNTERFACT_EASYEDIT
+
+pytestmark = [pytest.mark.slow, pytest.mark.smollm, pytest.mark.usefixtures("prefect_server")]
+
+FIRST_ALARM = 113
+"""The edit at which the study's ROME run raised its first alarm (bench/lifelong_study.sh)."""
+MARGIN = 20
+"""Edits allowed beyond it: the threshold is crossed by a random walk of norms, not at a fixed edit."""
+
+
+@pytest.mark.parametrize("empty_database_url", ["sqlite"], indirect=True)
+def test_sequential_rome_on_smollm2_trips_the_detector_by_itself(database):
+    engine = database.engine
+    ingest_file(engine, COUNTERFACT_EASYEDIT, source="cf-edit")
+    settings = RunSettings.from_dict({
+        "algorithm": "rome", "batch_size": 1, "eval_every": 0, "fact_source": "cf-edit", "fact_pool": "private",
+        "limit": FIRST_ALARM + MARGIN, "edit_overrides": {"values.n_prefixes": 0}, "evaluation_profile": "quick",
+        "evaluation_overrides": {"n_downstream": 8, "downstream_tasks": ["sst2"], "n_texts": 4},
+        "collapse": {"action": "stop"}, "checkpoint_every": 50})
+    outcome = sequential_edit(settings=settings.to_dict(), db_url=database.url)
+    assert outcome["status"] == "stopped", outcome
+    run_id, stopped_at = outcome["run_id"], outcome["seq"]
+    alarms = alarms_frame(engine, run_id)
+    assert set(alarms["seq"]) == {stopped_at}, "the first alarm stops the run at the batch that raised it"
+    assert stopped_at < FIRST_ALARM + MARGIN
+    health = metrics_frame(engine, run_id, kind="health").pivot_table(index="seq", columns="name", values="value")
+    assert list(health.index) == list(range(1, stopped_at + 1))  # every edit had its health check
+    norms = health["norm.w.6"]
+    baseline = metrics_frame(engine, run_id, kind="full").set_index("name")["value"]
+    fired = alarms.iloc[0]
+    assert fired["metric"] in health.columns and fired["baseline"] == pytest.approx(baseline[fired["metric"]])
+    assert (norms.diff().dropna() > 0).mean() > 0.9, "the edited matrix grows with nearly every edit"
+    applied = batches_frame(engine, run_id)
+    assert int((applied["status"] == "applied").sum()) == stopped_at  # the alarming batch stays, for audit
