@@ -36,21 +36,21 @@ def test_sequential_rome_on_smollm2_trips_the_detector_by_itself(database):
     ingest_file(engine, COUNTERFACT_EASYEDIT, source="cf-edit")
     settings = RunSettings.from_dict({
         "algorithm": "rome", "batch_size": 1, "eval_every": 0, "fact_source": "cf-edit", "fact_pool": "private",
-        "limit": FIRST_ALARM + MARGIN, "edit_overrides": {"values.n_prefixes": 0}, "evaluation_profile": "quick",
-        "evaluation_overrides": {"n_downstream": 8, "downstream_tasks": ["sst2"], "n_texts": 4},
-        "collapse": {"action": "stop"}, "checkpoint_every": 50})
+        "limit": FIRST_ALARM + MARGIN, "edit_overrides": {"values.n_prefixes": 0}, "collapse": {"action": "stop"},
+        "checkpoint_every": 50})
     outcome = sequential_edit(settings=settings.to_dict(), db_url=database.url)
     assert outcome["status"] == "stopped", outcome
     run_id, stopped_at = outcome["run_id"], outcome["seq"]
     alarms = alarms_frame(engine, run_id)
     assert set(alarms["seq"]) == {stopped_at}, "the first alarm stops the run at the batch that raised it"
-    assert stopped_at < FIRST_ALARM + MARGIN
+    assert FIRST_ALARM - MARGIN < stopped_at < FIRST_ALARM + MARGIN  # the slow drift, not a freak first edit
     health = metrics_frame(engine, run_id, kind="health").pivot_table(index="seq", columns="name", values="value")
-    assert list(health.index) == list(range(1, stopped_at + 1))  # every edit had its health check
-    norms = health["norm.w.6"]
-    baseline = metrics_frame(engine, run_id, kind="full").set_index("name")["value"]
+    # every edit had its health check; without full evaluations (eval_every 0) seq 0's is the baseline
+    assert list(health.index) == list(range(0, stopped_at + 1))
     fired = alarms.iloc[0]
-    assert fired["metric"] in health.columns and fired["baseline"] == pytest.approx(baseline[fired["metric"]])
-    assert (norms.diff().dropna() > 0).mean() > 0.9, "the edited matrix grows with nearly every edit"
+    assert fired["metric"] == "norm.w.6" and fired["value"] > 1.5 * fired["baseline"]
+    assert fired["baseline"] == pytest.approx(health.loc[0, "norm.w.6"])
+    assert (health["norm.w.6"].diff().dropna() > 0).mean() > 0.9, "the edited matrix grows with nearly every edit"
+    assert health.loc[stopped_at, "ppl.probe"] > 1.1 * health.loc[0, "ppl.probe"], "and the model got worse"
     applied = batches_frame(engine, run_id)
     assert int((applied["status"] == "applied").sum()) == stopped_at  # the alarming batch stays, for audit
