@@ -185,7 +185,7 @@ def first_alarms(engine: Engine, run_ids: list[int]) -> pd.DataFrame:
                        value=first["value"], baseline=first["baseline"],
                        first_alarm_edits=_edits_held(batches, first["batch_id"]))
         rows.append(row)
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows).astype({"first_alarm_edits": "Int64", "first_alarm_seq": "Int64"})
 
 
 def _edits_held(batches: pd.DataFrame, batch_id: object) -> int:
@@ -248,7 +248,7 @@ def comparison_markdown(engine: Engine, run_ids: list[int]) -> str:
     downstream accuracy, norm growth at 500, 1,000, … edits) off this one table."""
     alarms = first_alarms(engine, run_ids)
     lines = [f"# Runs {', '.join(map(str, run_ids))} compared", "", "## First collapse alarm", "",
-             _markdown(alarms.fillna("—")), ""]
+             _markdown(alarms.astype(object).where(alarms.notna(), "—")), ""]
     wides = {run_id: metrics_wide(engine, run_id, kind="full") for run_id in run_ids}
     points = [_evaluation_points(run_id, wide) for run_id, wide in wides.items() if not wide.empty]
     if points:
