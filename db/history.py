@@ -116,9 +116,8 @@ def alarms_frame(engine: Engine, run_id: int) -> pd.DataFrame:
     """Every collapse alarm of a run, in the order raised."""
     seq = func.coalesce(BatchRecord.seq, 0).label("seq")
     query = (select(AlarmRecord.id.label("alarm_id"), seq, AlarmRecord.batch_id, AlarmRecord.evaluation_id,
-                    AlarmRecord.rule,
-                    AlarmRecord.metric, AlarmRecord.value, AlarmRecord.baseline, AlarmRecord.threshold,
-                    AlarmRecord.action, AlarmRecord.message, AlarmRecord.created_at)
+                    AlarmRecord.rule, AlarmRecord.metric, AlarmRecord.value, AlarmRecord.baseline,
+                    AlarmRecord.threshold, AlarmRecord.action, AlarmRecord.message, AlarmRecord.created_at)
              .outerjoin(BatchRecord, AlarmRecord.batch_id == BatchRecord.id)
              .where(AlarmRecord.run_id == run_id).order_by(AlarmRecord.id))
     return _frame(engine, query)
