@@ -257,10 +257,13 @@ def comparison_markdown(engine: Engine, run_ids: list[int]) -> str:
 
 
 def _evaluation_points(run_id: int, wide: pd.DataFrame) -> pd.DataFrame:
-    """A run's full evaluations as :func:`summary_table` rows, plus the last edited layer's ``‖W − W0‖``."""
-    table = summary_table(wide).copy()
-    column = _last_layer_column(wide, FAMILIES["norm_dw"])
-    if column in wide.columns:
-        table[column] = wide[column].to_numpy()
+    """A run's full evaluations as :func:`summary_table` rows, with each perplexity in its own column instead of
+    their mean (WikiText, ME-PPL and the probe differ in scale, so a study reads them one by one), plus the
+    last edited layer's ``‖W − W0‖``."""
+    table = summary_table(wide).drop(columns="mean.ppl", errors="ignore")
+    perplexities = sorted(str(c) for c in wide.columns if str(c).startswith(FAMILIES["ppl"]))
+    for column in [*perplexities, _last_layer_column(wide, FAMILIES["norm_dw"])]:
+        if column in wide.columns:
+            table[column] = wide[column].to_numpy()
     table.insert(0, "run", run_id)
     return table

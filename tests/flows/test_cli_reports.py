@@ -118,7 +118,8 @@ def test_report_compares_runs_on_shared_axes_with_their_first_alarms(recorded_ru
     assert "## First collapse alarm" in printed and "ppl.*:ratio:1.2" in printed
     # every active full evaluation (batch 4's was rolled back; the second run has health checks only)
     points = printed[printed.index("## Full evaluations"):].splitlines()
-    assert "norm.dw.1" in points[2]
+    header = [column.strip() for column in points[2].strip("|").split("|")]
+    assert "norm.dw.1" in header and "ppl.wiki" in header and "mean.ppl" not in header
     assert [row.split("|")[1:3] for row in points[4:] if row.startswith("|")] == [
         [f" {first} ", " 0 "], [f" {first} ", " 2 "]]
     alarms = first_alarms(engine, [first, second.id]).set_index("run")
