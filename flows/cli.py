@@ -10,11 +10,33 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
+from types import FrameType
 
 COMMANDS = ("demo", "init", "ingest", "run", "serve", "deploy_evaluator", "eval", "history", "rollback", "export",
             "export_model", "report", "edit")
 """Subcommand modules in :mod:`flows.commands`, in the order ``--help`` lists them."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a scheduler, a container stop) as an exception instead of an immediate exit.
+
+    The default action ends the process on the spot: no ``finally``, no ``atexit`` — and the temporary
+    Prefect API server a flow started (a child process) keeps running. Raised instead, the signal
+    unwinds like Ctrl-C: Prefect marks the flow run crashed (and then re-delivers the signal to this
+    handler), the run is marked failed in the ledger (its claimed batch resumes with ``--resume``), and
+    the interpreter's exit stops the server. A ``KeyboardInterrupt`` so that ``except Exception``
+    blocks in libraries let it through, as they do Ctrl-C.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"terminated by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+def _raise_terminated(signum: int, _frame: FrameType | None) -> None:
+    raise Terminated(signum)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,11 +58,15 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from db.errors import LedgerError
 
+    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return int(args.handler(args) or 0)
     except (ValueError, LookupError, FileNotFoundError, LedgerError) as error:
         print(f"seqedit {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except Terminated as stop:
+        print(f"seqedit {args.command}: {stop}; a run resumes with `seqedit run --resume RUN_ID`", file=sys.stderr)
+        return 128 + stop.signum
     except KeyboardInterrupt:
         print(f"seqedit {args.command}: interrupted; a run resumes with `seqedit run --resume RUN_ID`",
               file=sys.stderr)

@@ -238,11 +238,12 @@ def _edit_loop(context: RunContext, writer: RunWriter) -> str:
             edit = _edit_one_batch(context, writer, batch)
             progress.update(len(batch.facts))
             progress.set_postfix(batch=batch.seq, v_nll=f"{float(edit.values.final_nll.mean()):.3f}")
-            alarms, evaluated = _check_batch(context, batch, edit, baseline, background)
+            last = _remaining(context) == 0 or pending_count(context.engine, context.run.id) == 0
+            alarms, evaluated = _check_batch(context, batch, edit, baseline, background, last)
             evaluated_seq = batch.seq if evaluated else evaluated_seq
             if alarms and _apply_policy(context, writer, settings.collapse, batch.seq):
                 return RunStatus.STOPPED
-    if settings.eval_every and context.seq not in (0, evaluated_seq):  # the last batch fell between two points
+    if settings.eval_every and context.seq not in (0, evaluated_seq):  # others claimed what was to be the rest
         if background is not None:
             background.submit(context.seq)
         else:
@@ -254,16 +255,20 @@ def _edit_loop(context: RunContext, writer: RunWriter) -> str:
 
 
 def _check_batch(context: RunContext, batch: ClaimedBatch, edit: BatchEdit, baseline: dict[str, float],
-                 background: AsyncEvaluations | None) -> tuple[list[Alarm], bool]:
-    """After a committed batch: its health check and, at an evaluation point, the full evaluation — here, or
-    submitted to the work pool (``background``; its alarms come back through :meth:`AsyncEvaluations.poll`).
-    Returns the alarms raised now and whether the batch is an evaluation point."""
+                 background: AsyncEvaluations | None, last: bool) -> tuple[list[Alarm], bool]:
+    """After a committed batch: its health check and, at an evaluation point or after the ``last`` batch, the
+    full evaluation — here (with the health metrics in the same evaluation, so the final point has the
+    perplexity probe and the norms like every other point), or submitted to the work pool (``background``;
+    its alarms come back through :meth:`AsyncEvaluations.poll`). Returns the alarms raised now and whether
+    the batch was evaluated."""
     settings = context.settings
     started = time.perf_counter()
     health = context.health(edit) if settings.health_checks else {}
-    point = bool(settings.eval_every) and batch.seq % settings.eval_every == 0
+    point = bool(settings.eval_every) and (batch.seq % settings.eval_every == 0 or last)
     if point and background is None:
-        return _evaluate_point(context, batch.seq, list(batch.facts), baseline, extra=health)[1], True
+        announce = "evaluation" if batch.seq % settings.eval_every == 0 else "final evaluation"
+        return _evaluate_point(context, batch.seq, list(batch.facts), baseline, extra=health,
+                               announce=announce)[1], True
     alarms = _record_point(context, batch.seq, health, baseline, kind="health",
                            seconds=time.perf_counter() - started) if health else []
     if point:

@@ -31,6 +31,7 @@ from db.history import evaluations_frame, runs_frame
 from db.migrate import upgrade
 from db.models import EvaluationRequest, RequestStatus
 from fixtures.database import POSTGRES_URL, postgres_schema
+from fixtures.processes import parent
 from fixtures.runs import SMALL_EVALUATION, fast_settings, ingest_counterfact
 from flows.local_prefect import prefect_server, start_worker, stop_process_group
 
@@ -60,10 +61,6 @@ def prefect_on_postgres(postgres_admin, tmp_path: Path):
 def _seqedit(*args: str, env: dict[str, str], **kwargs) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "flows.cli", *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, **kwargs)
-
-
-def _parent(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
 def test_async_evaluation_on_two_workers_survives_a_killed_worker(prefect_on_postgres, postgres_admin, tmp_path):
@@ -117,7 +114,7 @@ def _kill_a_worker_mid_evaluation(engine, workers: list[subprocess.Popen], run: 
                 EvaluationRequest.status == RequestStatus.RUNNING)).scalars().first()
         if held:
             flow_pid = int(held.split(":")[1])
-            worker = _parent(flow_pid)
+            worker = parent(flow_pid)
             assert worker in worker_pids, f"flow run {flow_pid} is not a child of our workers {worker_pids}"
             time.sleep(2)  # well inside the evaluation
             for group in {os.getpgid(flow_pid), worker}:  # the worker, and the flow run (in case it has its own)
