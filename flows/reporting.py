@@ -106,6 +106,16 @@ def markdown_summary(engine: Engine, run_id: int) -> str:
     return "\n".join(lines)
 
 
+def _label_axis(axis, title: str) -> None:
+    """Title, x label and grid of a panel; perplexity on a log scale, because a collapse takes it from ~40
+    to millions and on a linear axis everything before the collapse would be one flat line."""
+    axis.set_title(title, fontsize=10)
+    axis.set_xlabel("facts edited")
+    axis.grid(alpha=0.3)
+    if title.startswith("Perplexity"):
+        axis.set_yscale("log")
+
+
 def plot_metrics(engine: Engine, run_id: int, path: Path) -> Path:
     """A PNG of the metric curves over the number of edits: edit success, retention, GE,
     perplexity, downstream accuracy and the edited layers' norm growth, one panel each."""
@@ -133,9 +143,7 @@ def plot_metrics(engine: Engine, run_id: int, path: Path) -> Path:
         for column in columns:
             points = wide[["n_edits", column]].dropna()  # health checks carry only some metrics
             axis.plot(points["n_edits"], points[column], marker="o", markersize=3, label=str(column))
-        axis.set_title(title, fontsize=10)
-        axis.set_xlabel("facts edited")
-        axis.grid(alpha=0.3)
+        _label_axis(axis, title)
         axis.legend(fontsize=7, ncol=2)
     for axis in list(axes.flat)[len(panels):]:
         axis.set_visible(False)
@@ -227,9 +235,7 @@ def plot_comparison(engine: Engine, run_ids: list[int], path: Path) -> Path:
                               label=labels[run_id])
             if pd.notna(alarms.get(run_id)):
                 axis.axvline(float(alarms[run_id]), color=colour, linestyle=":", linewidth=1)
-        axis.set_title(title, fontsize=10)
-        axis.set_xlabel("facts edited")
-        axis.grid(alpha=0.3)
+        _label_axis(axis, title)
         axis.legend(fontsize=7)
     for axis in list(axes.flat)[len(panels):]:
         axis.set_visible(False)
