@@ -121,9 +121,15 @@ def test_the_exported_run_gives_plain_transformers_its_hashes_and_final_es(ledge
     assert measured["es"] == pytest.approx(final_es, abs=1e-9)
 
 
-def _start_worker(url: str, config: Path, api_url: str, failpoint: str | None) -> subprocess.Popen:
-    env = dict(os.environ, PREFECT_API_URL=api_url)
-    env.pop("SEQEDIT_FAILPOINT", None)
+def _start_worker(url: str, config: Path, api_url: str | None, failpoint: str | None,
+                  prefect_home: Path | None = None) -> subprocess.Popen:
+    """``seqedit run`` in a subprocess, on the session's Prefect server (``api_url``) or, without one, on a
+    temporary server of its own under ``prefect_home``."""
+    env = {name: value for name, value in os.environ.items() if name not in ("PREFECT_API_URL", "SEQEDIT_FAILPOINT")}
+    if api_url:
+        env["PREFECT_API_URL"] = api_url
+    if prefect_home:
+        env["PREFECT_HOME"] = str(prefect_home)
     if failpoint:
         env["SEQEDIT_FAILPOINT"] = failpoint
     return subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "--db", url, "--config", str(config)],
@@ -174,7 +180,6 @@ def test_a_killed_run_resumes_to_the_same_weights(ledger, tmp_path: Path, prefec
     assert _hashes(engine, run_id) == reference
 
 
-
 def test_a_sigterm_stops_the_run_with_its_temporary_prefect_server_and_the_run_resumes(ledger, tmp_path: Path):
     """``kill PID`` (SIGTERM) during batch 2 of a ``seqedit run`` that started its own temporary Prefect
     server (no ``PREFECT_API_URL``): the process exits with 143 after marking the run failed, the server
@@ -183,11 +188,7 @@ def test_a_sigterm_stops_the_run_with_its_temporary_prefect_server_and_the_run_r
     url, engine, _, reference = ledger
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(fast_settings(**KILLED_SETTINGS).to_dict()))
-    env = {name: value for name, value in os.environ.items()
-           if name not in ("PREFECT_API_URL", "SEQEDIT_FAILPOINT")}
-    env["PREFECT_HOME"] = str(tmp_path / "prefect")
-    worker = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "--db", url, "--config", str(config)],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    worker = _start_worker(url, config, None, None, prefect_home=tmp_path / "prefect")
     _wait_for_claim(engine, 2, worker)
     started = children(worker.pid)
     assert started, "the run started no temporary Prefect server"
