@@ -10,7 +10,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean data-check
 
 install: $(STAMP)
 
@@ -27,6 +27,17 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -rs
+
+# The data a user's machine has: no mirror (an empty SEQEDIT_DATA), no hub. The demo's datasets must
+# resolve from the bundle and match their pinned sha256; the rest must say, in one line, where they looked.
+data-check: $(STAMP)
+	@empty=$$(mktemp -d) && trap 'rm -rf "$$empty"' EXIT && \
+	SEQEDIT_DATA=$$empty SEQEDIT_CACHE=$$empty/cache $(VENV)/bin/seqedit data list && \
+	SEQEDIT_DATA=$$empty SEQEDIT_CACHE=$$empty/cache $(VENV)/bin/seqedit data verify && \
+	SEQEDIT_DATA=$$empty SEQEDIT_CACHE=$$empty/cache $(PY) -c "from editing.data import resolve; \
+	from flows.settings import RunSettings; \
+	needed = RunSettings(evaluation_profile='quick').required_datasets() + [('counterfact-sample', None)]; \
+	print('demo data from:', ', '.join(f'{n} {resolve(n, s, download=False).origin}' for n, s in needed))"
 
 clean:
 	rm -rf $(VENV) .cache .prefect seqedit.db*

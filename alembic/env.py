@@ -29,9 +29,30 @@ def _configure(**kwargs: object) -> None:
 
 
 def _run(connection: Connection) -> None:
-    _configure(connection=connection)
-    with context.begin_transaction():
-        context.run_migrations()
+    """Run the migrations on ``connection`` in one transaction.
+
+    On SQLite, altering a table means rebuilding it (batch mode): the old copy is dropped, and dropping a
+    table that other rows reference fails while foreign keys are enforced (``alembic downgrade`` of a ledger
+    with evaluations stopped at ``DROP TABLE evaluations``). So, as SQLite's documentation prescribes for
+    schema changes, enforcement is switched off around the transaction — it can only change outside one, on
+    the driver's connection — and the migrated database must pass ``PRAGMA foreign_key_check`` before it
+    commits. This holds for ``alembic`` on the command line and for :mod:`db.migrate` alike.
+    """
+    sqlite = connection.dialect.name == "sqlite"
+    if sqlite:
+        connection.connection.driver_connection.execute("PRAGMA foreign_keys=OFF")
+    try:
+        _configure(connection=connection)
+        with context.begin_transaction():
+            context.run_migrations()
+            if sqlite:
+                broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+                if broken:
+                    raise RuntimeError(f"the migration would leave rows whose foreign keys point nowhere: "
+                                       f"{broken[:5]}")
+    finally:
+        if sqlite:
+            connection.connection.driver_connection.execute("PRAGMA foreign_keys=ON")
 
 
 def main() -> None:

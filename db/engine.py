@@ -21,8 +21,13 @@ import sqlite3
 from contextlib import contextmanager
 from typing import Iterator
 
+from pathlib import Path
+
 from sqlalchemy import URL, Connection, Engine, create_engine, event, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
+
+from db.errors import LedgerUnavailableError
 
 URL_ENV = "SEQEDIT_DATABASE_URL"
 DEFAULT_URL = "sqlite:///seqedit.db"
@@ -39,14 +44,19 @@ _WRITE_OPTION = "seqedit_write"
 
 def database_url(url: str | URL | None = None) -> URL:
     """The URL to use: ``url``, else ``$SEQEDIT_DATABASE_URL``, else ``sqlite:///seqedit.db``."""
-    parsed = make_url(url or os.environ.get(URL_ENV) or DEFAULT_URL)
+    given = url or os.environ.get(URL_ENV) or DEFAULT_URL
+    try:
+        parsed = make_url(given)
+    except ArgumentError:
+        raise LedgerUnavailableError(f"{given!r} is not a database URL; expected sqlite:///PATH or "
+                          f"postgresql://USER@HOST[:PORT]/DATABASE") from None
     if parsed.drivername == "postgresql":
         parsed = parsed.set(drivername="postgresql+psycopg")
     backend = parsed.get_backend_name()
     if backend not in SUPPORTED_BACKENDS:
-        raise ValueError(f"unsupported database {backend!r}; the ledger runs on {', '.join(SUPPORTED_BACKENDS)}")
+        raise LedgerUnavailableError(f"unsupported database {backend!r}; the ledger runs on {', '.join(SUPPORTED_BACKENDS)}")
     if backend == "sqlite" and parsed.database in (None, "", ":memory:"):
-        raise ValueError("the ledger needs an SQLite *file* (e.g. sqlite:///seqedit.db): an in-memory "
+        raise LedgerUnavailableError("the ledger needs an SQLite *file* (e.g. sqlite:///seqedit.db): an in-memory "
                          "database is private to one connection and cannot be shared by writers")
     return parsed
 
@@ -78,15 +88,76 @@ def display_url(engine_or_url: Engine | URL) -> str:
     return url.render_as_string(hide_password=True)
 
 
-def make_engine(url: str | URL | None = None) -> Engine:
-    """An engine for ``url`` (see :func:`database_url`), configured for the ledger."""
+def make_engine(url: str | URL | None = None, read_only: bool = False, check: bool = False) -> Engine:
+    """An engine for ``url`` (see :func:`database_url`), configured for the ledger.
+
+    ``read_only`` is for the commands that only read (history, report, export): an SQLite ledger must
+    exist — a mistyped path is an error, not a new empty file — and is opened read-only, so it can be read
+    from a read-only folder or by a user who may not write it. ``check`` connects once now, so that an
+    unreachable server, a missing database or a file that is not a ledger fails here with one clear line
+    instead of deep inside the first query.
+    """
     parsed = database_url(url)
     if parsed.get_backend_name() == "sqlite":
+        engine = _sqlite_engine(parsed, read_only)
+    else:
+        engine = create_engine(parsed, pool_pre_ping=True, insertmanyvalues_page_size=POSTGRES_INSERT_PAGE_ROWS)
+    if check:
+        check_connection(engine)
+    return engine
+
+
+def _sqlite_engine(parsed: URL, read_only: bool) -> Engine:
+    path = Path(parsed.database)
+    if path.exists() and (not path.is_file() or not _is_sqlite_file(path)):
+        raise LedgerUnavailableError(f"{path} is not an SQLite database (a ledger is created by `seqedit init --db "
+                          f"sqlite:///PATH` at a new path)")
+    if read_only:
+        if not path.is_file():
+            raise LedgerUnavailableError(f"no ledger at {path.resolve()} (check --db; `seqedit init` creates one)")
+        # immutable=1 where nobody can write (a read-only folder has no room for SQLite's -shm and -wal
+        # files, without which a WAL database cannot be opened otherwise): nothing can change under the reader.
+        immutable = "&immutable=1" if not os.access(path.resolve().parent, os.W_OK) else ""
+        uri = f"file:{path.resolve()}?mode=ro{immutable}"
+        engine = create_engine("sqlite://", creator=lambda: sqlite3.connect(
+            uri, uri=True, timeout=SQLITE_BUSY_TIMEOUT_S, check_same_thread=False))
+        event.listen(engine, "connect", _configure_sqlite_reader)
+    else:
+        folder = path.resolve().parent
+        if not folder.is_dir():
+            raise LedgerUnavailableError(f"cannot create the ledger {path}: folder {folder} does not exist")
+        if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+            raise LedgerUnavailableError(f"the ledger {path.resolve()} is read-only (SQLite writes the file and "
+                                         f"its folder); history, report and export can still read it")
         engine = create_engine(parsed, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S})
         event.listen(engine, "connect", _configure_sqlite_connection)
-        event.listen(engine, "begin", _begin_sqlite_transaction)
-        return engine
-    return create_engine(parsed, pool_pre_ping=True, insertmanyvalues_page_size=POSTGRES_INSERT_PAGE_ROWS)
+    event.listen(engine, "begin", _begin_sqlite_transaction)
+    return engine
+
+
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def _is_sqlite_file(path: Path) -> bool:
+    """An SQLite database file starts with its 16-byte header (an empty file is a database not yet written)."""
+    with path.open("rb") as handle:
+        header = handle.read(len(SQLITE_HEADER))
+    return header in (b"", SQLITE_HEADER)
+
+
+def check_connection(engine: Engine) -> None:
+    """Connect once; a failure becomes a :class:`LedgerError` naming the ledger in one line."""
+    try:
+        with engine.connect() as connection:
+            connection.exec_driver_sql("SELECT 1")
+    except DBAPIError as error:
+        reason = str(error.orig).strip().splitlines()[0] if error.orig is not None else str(error)
+        raise LedgerUnavailableError(f"cannot open the ledger {display_url(engine)}: {reason}") from None
+
+
+def _configure_sqlite_reader(dbapi_connection: sqlite3.Connection, _record: object) -> None:
+    dbapi_connection.isolation_level = None
+    dbapi_connection.execute("PRAGMA query_only=ON")
 
 
 def _configure_sqlite_connection(dbapi_connection: sqlite3.Connection, _record: object) -> None:
@@ -94,7 +165,10 @@ def _configure_sqlite_connection(dbapi_connection: sqlite3.Connection, _record: 
     # sqlite3 module's own BEGIN handling skips SELECTs and DDL.
     dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
+    try:
+        cursor.execute("PRAGMA journal_mode=WAL")
+    except sqlite3.OperationalError as error:  # a read-only file or folder: name it instead of SQLite's words
+        raise LedgerUnavailableError(f"cannot write the ledger (is it or its folder read-only?): {error}") from None
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
     cursor.close()

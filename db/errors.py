@@ -37,3 +37,8 @@ class LedgerIntegrityError(LedgerError):
 class RequestLostError(LedgerError):
     """A worker finished an evaluation request it no longer holds (its lease ran out and another worker
     claimed the request, or the request is done already); its result is discarded."""
+
+
+class LedgerUnavailableError(LedgerError, ValueError):
+    """The ledger cannot be opened as asked: a malformed URL, a missing or non-SQLite file, a read-only
+    ledger opened for writing, an unreachable server or database. Always the user's to fix."""

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from db.models import (ACTIVE_BATCH_STATUSES, AlarmRecord, BatchStatus, BatchFact, BatchRecord, EvaluationRecord, EvaluationStatus, FactRecord,
                        MetricRecord, RollbackRecord, RunRecord, UTCDateTime)
-from db.ledger import available_facts
+from db.ledger import available_facts, pool_condition
 from db.runs import get_run
 from editing.facts import Fact
 
@@ -136,14 +136,14 @@ def run_facts_frame(engine: Engine, run_id: int) -> pd.DataFrame:
 
 
 def edits_for_subject(engine: Engine, subject: str) -> pd.DataFrame:
-    """Every batch, of any run, that took a fact about ``subject`` (exact match), oldest first."""
+    """Every batch, of any run, that took a fact whose subject contains ``subject`` (case-insensitive), oldest first."""
     query = (select(FactRecord.id.label("fact_id"), FactRecord.subject, FactRecord.prompt, FactRecord.target_new,
                     FactRecord.target_true, FactRecord.source, FactRecord.status.label("fact_status"),
                     BatchRecord.run_id, BatchRecord.id.label("batch_id"), BatchRecord.seq,
                     BatchRecord.status.label("batch_status"), BatchRecord.claimed_at, BatchRecord.finished_at)
              .join(BatchFact, BatchFact.fact_id == FactRecord.id)
              .join(BatchRecord, BatchFact.batch_id == BatchRecord.id)
-             .where(FactRecord.subject == subject)
+             .where(func.lower(FactRecord.subject).contains(subject.lower(), autoescape=True))
              .order_by(BatchRecord.claimed_at, BatchRecord.id, BatchFact.position))
     return _frame(engine, query)
 
@@ -185,3 +185,17 @@ def pending_count(engine: Engine, run_id: int) -> int:
     with engine.connect() as connection:
         return int(connection.execute(select(func.count()).select_from(FactRecord)
                                       .where(available_facts(run))).scalar_one())
+
+
+def has_batch_in_progress(engine: Engine, run_id: int) -> bool:
+    """Whether the run has a claimed, uncommitted batch."""
+    with engine.connect() as connection:
+        return connection.execute(select(func.count()).select_from(BatchRecord).where(
+            BatchRecord.run_id == run_id, BatchRecord.status == BatchStatus.IN_PROGRESS)).scalar_one() > 0
+
+
+def claimable_count(engine: Engine, fact_pool: str, fact_source: str | None) -> int:
+    """How many facts a new run on ``fact_pool`` / ``fact_source`` could claim (nothing is created)."""
+    with engine.connect() as connection:
+        return int(connection.execute(select(func.count()).select_from(FactRecord)
+                                      .where(pool_condition(fact_pool, fact_source))).scalar_one())

@@ -41,7 +41,7 @@ from sqlalchemy import ColumnElement, Engine, and_, insert, select, update
 from sqlalchemy.orm import Session
 
 from db.engine import transaction
-from db.errors import BatchStateError, LedgerError, LedgerIntegrityError
+from db.errors import BatchStateError, LedgerError, LedgerIntegrityError, RunLockedError
 from db.locks import writer_lock
 from db.models import (ACTIVE_BATCH_STATUSES, EDITABLE_FACT_STATUSES, BatchFact, BatchRecord, BatchStatus,
                        Checkpoint, EvaluationRecord, EvaluationStatus, FactRecord, FactStatus, RollbackRecord,
@@ -68,14 +68,51 @@ class ClaimedBatch:
 
 def available_facts(run: RunInfo) -> ColumnElement[bool]:
     """The condition on ``facts`` rows that ``run`` may claim next (see :meth:`RunWriter.claim_batch`)."""
-    spec = run.spec
-    if spec.fact_pool == "private":
+    return pool_condition(run.spec.fact_pool, run.spec.fact_source, run.id)
+
+
+def pool_condition(fact_pool: str, fact_source: str | None, run_id: int | None = None) -> ColumnElement[bool]:
+    """The facts a run on ``fact_pool`` / ``fact_source`` may claim; ``run_id`` None is a run not yet
+    created (a private pool then has no history to exclude), so a command can say "nothing to edit"
+    before it creates anything."""
+    if fact_pool == "private":
+        condition = and_(FactRecord.source == fact_source, FactRecord.status.in_(EDITABLE_FACT_STATUSES))
+        if run_id is None:
+            return condition
         in_history = (select(BatchFact.fact_id).join(BatchRecord, BatchFact.batch_id == BatchRecord.id)
-                      .where(BatchRecord.run_id == run.id, BatchRecord.status.in_(ACTIVE_BATCH_STATUSES)))
-        return and_(FactRecord.source == spec.fact_source, FactRecord.status.in_(EDITABLE_FACT_STATUSES),
-                    FactRecord.id.not_in(in_history))
+                      .where(BatchRecord.run_id == run_id, BatchRecord.status.in_(ACTIVE_BATCH_STATUSES)))
+        return and_(condition, FactRecord.id.not_in(in_history))
     condition = FactRecord.status == FactStatus.PENDING
-    return condition if spec.fact_source is None else and_(condition, FactRecord.source == spec.fact_source)
+    return condition if fact_source is None else and_(condition, FactRecord.source == fact_source)
+
+
+def release_abandoned_claims(engine: Engine, except_run: int | None = None) -> list[tuple[int, int]]:
+    """Return to the pool the facts of batches left ``in_progress`` by runs that no process is writing.
+
+    A run that dies without unwinding (SIGKILL, a lost machine) cannot give its claimed batch back; its
+    facts would stay ``claimed`` for good and no other run on the pool would edit them. Whether a run is
+    still being written is exactly whether its writer lock is held, so each such run's lock is tried: if
+    it can be taken, nobody is writing the run, its batch is marked failed and its facts go back to
+    ``pending`` (a later ``--resume`` of that run simply claims again). Returns (run id, batch seq) of
+    every batch released.
+    """
+    with transaction(engine) as session:
+        stranded = session.execute(select(BatchRecord.run_id, BatchRecord.seq)
+                                   .where(BatchRecord.status == BatchStatus.IN_PROGRESS)).all()
+    released = []
+    for run_id, seq in stranded:
+        if run_id == except_run:
+            continue
+        try:
+            with acquire_writer(engine, run_id) as writer:
+                batch = writer.in_progress_batch()
+                if batch is not None:
+                    writer.fail_batch(batch, "abandoned: its run ended without committing it; "
+                                             "facts returned to the pool")
+                    released.append((run_id, seq))
+        except RunLockedError:
+            continue  # a live writer holds it
+    return released
 
 
 @contextmanager

@@ -10,9 +10,9 @@ their holder dies, so a crashed flow never leaves a run locked:
   ``seqedit run writer`` and the current schema, run id), so ledgers in
   different schemas of one database do not collide.
 * SQLite: an exclusive ``flock`` on a file next to the database
-  (``<db>.run-<id>.lock``). SQLite is a single-machine database, which is
-  exactly the scope of ``flock``; the lock belongs to the open file, so two
-  writers in one process exclude each other too.
+  (``<db>.run-<id>.lock``, removed when the lock is released). SQLite is a
+  single-machine database, which is exactly the scope of ``flock``; the lock
+  belongs to the open file, so two writers in one process exclude each other too.
 
 A second writer gets :class:`RunLockedError` at once, naming the holder.
 """
@@ -98,21 +98,40 @@ class FileLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace") or "unknown"
+        while True:
+            fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 200, 0).decode(errors="replace") or "unknown"
+                os.close(fd)
+                raise RunLockedError(f"run {self._run_id} already has a writer ({holder}, lock file "
+                                     f"{self._path}); one writer per run") from None
+            # The holder before us removes the file as it releases (see release); if it did so after we
+            # opened it, our lock is on an unlinked inode that a newcomer would not see: start again.
+            if self._still_linked(fd):
+                break
             os.close(fd)
-            raise RunLockedError(f"run {self._run_id} already has a writer ({holder}, lock file "
-                                 f"{self._path}); one writer per run") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
         self._fd = fd
 
+    def _still_linked(self, fd: int) -> bool:
+        try:
+            on_disk = os.stat(self._path)
+        except FileNotFoundError:
+            return False
+        held = os.fstat(fd)
+        return (on_disk.st_dev, on_disk.st_ino) == (held.st_dev, held.st_ino)
+
     def release(self) -> None:
+        """Remove the lock file, then unlock: no ``.run-N.lock`` is left beside the ledger, and a process
+        that opened the file meanwhile sees it unlinked and retries (see :meth:`acquire`)."""
         fd, self._fd = self._fd, None
         if fd is not None:
-            os.ftruncate(fd, 0)
+            try:
+                os.unlink(self._path)
+            except (FileNotFoundError, PermissionError):
+                pass
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)

@@ -32,34 +32,16 @@ def _config() -> Config:
 
 
 def _run(url: str | URL | None, action: str, revision: str) -> None:
-    """Run an Alembic command in one transaction.
-
-    On SQLite, altering a table means rebuilding it (Alembic's batch mode), and
-    dropping the old copy of a table that other rows reference fails while
-    foreign keys are enforced — so, as SQLite's documentation prescribes for
-    schema changes, enforcement is switched off around the transaction (it can
-    only change outside one) and the migrated database must pass
-    ``PRAGMA foreign_key_check`` before it commits.
-    """
+    """Run an Alembic command on the ledger at ``url``, in one transaction (``alembic/env.py`` opens it,
+    with SQLite's foreign keys handled as schema changes need)."""
     engine = make_engine(url)
     try:
         with engine.connect() as connection:
-            sqlite = connection.dialect.name == "sqlite"
-            if sqlite:
-                connection.connection.driver_connection.execute("PRAGMA foreign_keys=OFF")
-            try:
-                with connection.begin():
-                    config = _config()
-                    config.attributes["connection"] = connection
-                    getattr(command, action)(config, revision)
-                    if sqlite:
-                        broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
-                        if broken:
-                            raise RuntimeError(f"migration {action} {revision} would leave rows whose foreign keys "
-                                               f"point nowhere: {broken[:5]}")
-            finally:
-                if sqlite:
-                    connection.connection.driver_connection.execute("PRAGMA foreign_keys=ON")
+            config = _config()
+            config.attributes["connection"] = connection
+            getattr(command, action)(config, revision)
+            if connection.in_transaction():
+                connection.commit()
     finally:
         engine.dispose()
 

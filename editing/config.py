@@ -16,6 +16,8 @@ from typing import Any, Mapping
 
 import yaml
 
+from editing.typecheck import checked_fields
+
 HPARAMS_DIR = Path(__file__).parent / "hparams"
 
 
@@ -121,9 +123,14 @@ class EditConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "EditConfig":
+        """The configuration of ``data``; an unknown key or a value of the wrong type is refused by name."""
+        top = {key: value for key, value in data.items() if key not in _SECTIONS}
+        checked_fields(cls, top)
+        if "layers" not in data:
+            raise ValueError("layers: the edit layers are not set (the hparams file or --layers names them)")
         return cls(
             algorithm=data["algorithm"],
-            layers=tuple(int(layer) for layer in data["layers"]),
+            layers=tuple(data["layers"]),
             distribution=data.get("distribution", "memit_spread"),
             objective=_build(ObjectiveParams, data.get("objective", {}), "objective"),
             values=_build(ValueParams, data.get("values", {}), "values"),
@@ -137,12 +144,13 @@ class EditConfig:
         return EditConfig.from_dict(data)
 
 
+_SECTIONS = ("objective", "values", "stats")
+
+
 def _build(kind: type, values: Mapping[str, Any], section: str) -> Any:
-    known = {f.name for f in dataclasses.fields(kind)}
-    unknown = set(values) - known
-    if unknown:
-        raise ValueError(f"unknown {section} hyperparameter(s) {sorted(unknown)}; known: {sorted(known)}")
-    return kind(**values)
+    if not isinstance(values, Mapping):
+        raise ValueError(f"{section}: expected a mapping of {section} settings, got {values!r}")
+    return kind(**checked_fields(kind, values, section))
 
 
 def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:

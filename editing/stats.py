@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from editing.config import StatsParams
-from editing.corpus import OpenedCorpus, open_corpus, sample_texts
+from editing.corpus import OpenedCorpus, open_corpus
 from editing.models.adapter import ModelAdapter
 from editing.models.loading import cache_dir
 from editing.tokens import PaddedBatch
@@ -56,7 +56,7 @@ def stats_path(adapter: ModelAdapter, layer: int, corpus: OpenedCorpus, params: 
 def second_moments(adapter: ModelAdapter, layers: list[int], params: StatsParams,
                    progress: bool = True) -> dict[int, torch.Tensor]:
     """``C0`` (float32, d_in × d_in, on the CPU) for each of ``layers``; cached ones are only read."""
-    corpus = open_corpus(params.corpus)
+    corpus = open_corpus(params.corpus, params.n_samples, SAMPLE_SEED)
     paths = {layer: stats_path(adapter, layer, corpus, params) for layer in layers}
     missing = [layer for layer, path in paths.items() if not path.exists()]
     if missing:
@@ -71,7 +71,7 @@ def second_moments(adapter: ModelAdapter, layers: list[int], params: StatsParams
 @torch.no_grad()
 def _accumulate(adapter: ModelAdapter, layers: list[int], corpus: OpenedCorpus, params: StatsParams,
                 progress: bool) -> tuple[dict[int, torch.Tensor], int]:
-    texts = sample_texts(corpus.texts, params.n_samples, SAMPLE_SEED)
+    texts = corpus.texts
     # Each layer's sum lives where its keys arrive: on a model dispatched over several devices
     # (device_map) that is the layer's own device, so no key crosses devices.
     sums = {layer: torch.zeros(adapter.key_dim, adapter.key_dim, dtype=torch.float64,
@@ -136,7 +136,7 @@ def null_space_bases(adapter: ModelAdapter, layers: list[int], params: StatsPara
     the threshold, so a run's projector is fixed for its whole history.
     """
     moments = second_moments(adapter, layers, params, progress)
-    corpus = open_corpus(params.corpus)
+    corpus = open_corpus(params.corpus, params.n_samples, SAMPLE_SEED)
     bases = {}
     for layer in layers:
         c0_path = stats_path(adapter, layer, corpus, params)

@@ -98,6 +98,10 @@ class CollapsePolicy:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "CollapsePolicy":
+        unknown = set(data) - {"action", "after_rollback", "rules"}
+        if unknown:
+            raise ValueError(f"unknown setting(s) {', '.join('collapse.' + key for key in sorted(unknown))}; "
+                             f"known: collapse.action, collapse.after_rollback, collapse.rules")
         rules = data.get("rules")
         return cls(action=data.get("action", "warn"), after_rollback=data.get("after_rollback", "stop"),
                    rules=DEFAULT_RULES if rules is None else tuple(

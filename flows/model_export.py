@@ -241,6 +241,7 @@ def write_model_folder(adapter: ModelAdapter, out: str | os.PathLike[str], prove
                   "files": files,
                   "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         (staging / PROVENANCE_FILE).write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+        _give_ordinary_modes(staging)
         _install(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -276,6 +277,17 @@ def _verify_safetensors(folder: Path, adapter: ModelAdapter, expected: Mapping[i
         if weight_sha256(canonical) != sha:
             raise ExportError(f"layer {layer} as written to {weight_map[name]} has sha256 {weight_sha256(canonical)}, "
                               f"the ledger recorded {sha}")
+
+
+def _give_ordinary_modes(folder: Path) -> None:
+    """Every file the mode a new file gets under this process's umask (0644 usually): ``save_pretrained``
+    writes the weights through a private temporary file (0600), which would leave the exported
+    ``model.safetensors`` unreadable to the other users of a deployment."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(0o666 & ~umask)
 
 
 def _install(staging: Path, out: Path) -> None:

@@ -102,6 +102,7 @@ def run_one_shot(request: OneShotRequest) -> dict[str, Any]:
     achieved: dict[int, list[float]] = {}
     for start in range(0, len(facts), request.batch_size):
         batch = editor.apply(facts[start:start + request.batch_size])
+        editor.remember(batch)  # later batches preserve this one's keys (AlphaEdit, ENCORE, preserve_edits)
         for part in ("keys_values", "solve"):
             seconds[part] += batch.seconds[part]
         for layer, value in batch.memorization.items():

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import ExitStack
 from typing import Any
 
 from prefect import flow, task
@@ -31,11 +32,13 @@ from db.engine import make_engine
 from db.errors import RequestLostError
 from db.evaluation_requests import fail_request
 from db.evaluations import AlarmRow, Metric, record_evaluation
-from db.history import applied_count, batch_facts, metrics_frame, pending_count
+from db.history import (applied_count, batch_facts, claimable_count, has_batch_in_progress, metrics_frame,
+                        pending_count)
 from db.ingest import ingest_file
-from db.ledger import ClaimedBatch, RunWriter, acquire_writer
+from db.ledger import ClaimedBatch, RunWriter, acquire_writer, release_abandoned_claims
 from db.migrate import require_current
 from db.models import RunStatus
+from db.replay import last_applied_seq, weights_at
 from db.runs import get_run, set_run_status
 from editing.delta import weight_sha256
 from editing.editor import BatchEdit
@@ -288,23 +291,54 @@ def _publish_report(context: RunContext) -> None:
 
 
 # -- flows ---------------------------------------------------------------------------------
+class NothingToEdit(LookupError):
+    """A new run would claim no fact: it is not created (no run row, no baseline, no checkpoint)."""
+
+
+def check_something_to_edit(engine, settings: RunSettings) -> int:
+    """The number of facts a new run with ``settings`` could claim; :class:`NothingToEdit` when none."""
+    available = claimable_count(engine, settings.fact_pool, settings.fact_source)
+    if available == 0:
+        source = f"source {settings.fact_source!r}" if settings.fact_source else "any source"
+        state = "valid facts" if settings.fact_pool == "private" else "pending facts"
+        raise NothingToEdit(f"nothing to edit: no {state} in {source} (pool {settings.fact_pool}); "
+                            f"`seqedit ingest FILE` adds facts, `seqedit history` shows what was edited")
+    return available
+
+
 @flow(name="sequential_edit")
 def sequential_edit(settings: dict[str, Any] | None = None, run_id: int | None = None,
                     db_url: str | None = None) -> dict[str, Any]:
     """Create a run from ``settings`` (or resume run ``run_id``) and edit until the facts, the limit
-    or the collapse policy stop it. Returns the run id, its status and the last batch."""
+    or the collapse policy stop it. Returns the run id, its status and the last batch.
+
+    A new run with nothing to claim is not created (:class:`NothingToEdit`). A resumed run takes its writer
+    lock before the model is loaded, so a second writer is refused at once. A shared pool first takes back
+    the claims of runs that died without unwinding (:func:`db.ledger.release_abandoned_claims`); a run that
+    fails or is interrupted gives its own claimed batch back (facts to ``pending``, the batch ``failed``), so
+    no fact stays claimed by a run nobody is running.
+    """
     engine = make_engine(db_url)
     require_current(engine)
-    if run_id is None:
-        context = create_run_context(engine, RunSettings.from_dict(settings or {}))
-    else:
-        context = open_run_context(engine, run_id)
-    context.settings.runtime.apply_threads()
-    with acquire_writer(engine, context.run.id) as writer:
+    with ExitStack() as stack:
+        if run_id is None:
+            run_settings = RunSettings.from_dict(settings or {})
+            check_something_to_edit(engine, run_settings)
+            context = create_run_context(engine, run_settings)
+            writer = stack.enter_context(acquire_writer(engine, context.run.id))
+        else:
+            writer = stack.enter_context(acquire_writer(engine, run_id))
+            context = open_run_context(engine, run_id)
+        if context.settings.fact_pool == "shared":
+            for abandoned_run, seq in release_abandoned_claims(engine, except_run=context.run.id):
+                print(f"took back the claimed facts of run {abandoned_run}'s batch {seq} (no process was "
+                      f"running it)", flush=True)
+        context.settings.runtime.apply_threads()
         set_run_status(engine, context.run.id, RunStatus.RUNNING)
         try:
             status = _edit_loop(context, writer)
-        except BaseException:
+        except BaseException as error:
+            _give_back_claim(writer, error)
             set_run_status(engine, context.run.id, RunStatus.FAILED)
             raise
         set_run_status(engine, context.run.id, status)
@@ -314,6 +348,17 @@ def sequential_edit(settings: dict[str, Any] | None = None, run_id: int | None =
     _publish_report(context)
     return {"run_id": context.run.id, "status": str(status), "seq": context.seq,
             "weights_sha256": context.adapter.weights_sha256(list(context.run.layers))}
+
+
+def _give_back_claim(writer: RunWriter, error: BaseException) -> None:
+    """The run stops on ``error``: return its claimed, uncommitted batch to the pool (the model is rebuilt
+    from the ledger by whoever edits next, so nothing of the batch survives)."""
+    try:
+        batch = writer.in_progress_batch()
+        if batch is not None:
+            writer.fail_batch(batch, f"{type(error).__name__}: {error}"[:500] or type(error).__name__)
+    except Exception:  # the database itself may be what failed; the abandoned-claims sweep catches it later
+        log.warning("could not give back the claimed batch of run %d", writer.run.id, exc_info=True)
 
 
 @flow(name="evaluate")
@@ -357,18 +402,28 @@ def evaluate_run(run_id: int, seq: int | None = None, db_url: str | None = None,
 def rollback_run(run_id: int, to_seq: int, restore_facts: bool = True, db_url: str | None = None) -> dict[str, Any]:
     """Restore run ``run_id`` to batch ``to_seq``: later batches are marked rolled back (kept), their
     facts return to the queue (or stay out, ``restore_facts=False``), and a model this process holds
-    is put into the restored state."""
+    is put into the restored state. A run already at ``to_seq`` (nothing applied or claimed after it) is
+    left as it is: no rollback is recorded (``rolled_back`` is False)."""
     engine = make_engine(db_url)
     require_current(engine)
     with acquire_writer(engine, run_id) as writer:
-        weights = writer.rollback(to_seq, restore_facts=restore_facts, reason="requested")
-    run_settings = RunSettings.from_dict(get_run(engine, run_id).spec.hyperparameters["settings"])
-    session = ModelSession.loaded(run_settings.model, run_settings.runtime)
-    if session is not None:
-        session.load_state(weights)
+        if rollback_is_noop(engine, run_id, to_seq):
+            weights, rolled_back = weights_at(engine, run_id, to_seq), False
+        else:
+            weights, rolled_back = writer.rollback(to_seq, restore_facts=restore_facts, reason="requested"), True
+    stored = get_run(engine, run_id).spec.hyperparameters.get("settings")
+    if stored is not None:  # a run made by these flows: put a model this process holds in the restored state
+        run_settings = RunSettings.from_dict(stored)
+        session = ModelSession.loaded(run_settings.model, run_settings.runtime)
+        if session is not None:
+            session.load_state(weights)
     hashes = {layer: weight_sha256(weight) for layer, weight in weights.items()}
-    print(f"run {run_id} rolled back to batch {to_seq}; layer hashes verified", flush=True)
-    return {"run_id": run_id, "seq": to_seq, "weights_sha256": hashes}
+    return {"run_id": run_id, "seq": to_seq, "rolled_back": rolled_back, "weights_sha256": hashes}
+
+
+def rollback_is_noop(engine, run_id: int, to_seq: int) -> bool:
+    """True when run ``run_id`` stands at ``to_seq`` already: its last applied batch, none in progress."""
+    return last_applied_seq(engine, run_id) == to_seq and not has_batch_in_progress(engine, run_id)
 
 
 @task(name="ingest-file", retries=0, **NOT_PERSISTED)

@@ -15,8 +15,12 @@ from typing import Any, Mapping
 
 import yaml
 
+from editing.config import EditConfig, hparams_key_for, load_edit_config
+from editing.data import Sample
 from editing.evaluation import EvaluationConfig
+from editing.models.loading import DEFAULT_MODEL
 from editing.runtime import Runtime
+from editing.typecheck import checked_fields
 from flows.collapse import CollapsePolicy
 
 EVALUATION_PROFILES: dict[str, dict[str, Any]] = {
@@ -97,9 +101,42 @@ class RunSettings:
             raise ValueError(f"unknown evaluation profile {self.evaluation_profile!r}; "
                              f"known: {sorted(EVALUATION_PROFILES)}")
         self.evaluation_config()  # validates the overrides
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be at least 1 (a run edits something), got {self.limit}")
+        self.edit_config()  # validates the edit overrides: keys and types, before a run or a model exists
 
     def evaluation_config(self) -> EvaluationConfig:
-        return EvaluationConfig(**{**EVALUATION_PROFILES[self.evaluation_profile], **self.evaluation_overrides})
+        values = {**EVALUATION_PROFILES[self.evaluation_profile], **self.evaluation_overrides}
+        return EvaluationConfig(**checked_fields(EvaluationConfig, values, "evaluation"))
+
+    def edit_config(self, model_name: str | None = None) -> EditConfig:
+        """The edit configuration: the hparams file's defaults and algorithm section, then ``edit_overrides``
+        (see :func:`editing.config.load_edit_config`). ``model_name`` (default: the settings' model) picks the
+        hparams file when ``hparams`` is not set."""
+        name = model_name or self.model or DEFAULT_MODEL
+        return load_edit_config(self.hparams or hparams_key_for(name), self.algorithm, self.edit_overrides)
+
+    def required_datasets(self) -> list[tuple[str, Sample | None]]:
+        """Every named dataset the run reads, with the sample it reads of each: the C0 text, the perplexity
+        corpora, the downstream tasks and the health check's probe — so a command can resolve them all
+        (mirror → bundle → hub, downloading once where it must) before it starts anything."""
+        from editing.corpus import TEXT_CORPORA
+        from editing.evaluation import TASKS
+        from editing.evaluation.health import PROBE_CORPUS, HealthProbe
+        from editing.stats import SAMPLE_SEED
+
+        stats = self.edit_config().stats
+        needed: list[tuple[str, Sample | None]] = []
+        if stats.corpus in TEXT_CORPORA:
+            needed.append((stats.corpus, Sample(stats.n_samples, SAMPLE_SEED)))
+        if self.eval_every:
+            evaluation = self.evaluation_config()
+            needed += [(corpus, Sample(evaluation.n_texts, evaluation.seed)) for corpus in evaluation.perplexity_corpora]
+            needed += [(TASKS[task].dataset, None) for task in evaluation.downstream_tasks]
+        if self.health_checks:
+            probe = HealthProbe()
+            needed.append((PROBE_CORPUS, Sample(probe.n_texts, probe.seed)))
+        return list(dict.fromkeys(needed))
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -108,15 +145,11 @@ class RunSettings:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "RunSettings":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown run setting(s) {sorted(unknown)}; known: {sorted(known)}")
-        values = dict(data)
+        values = checked_fields(cls, data)
         if "collapse" in values and not isinstance(values["collapse"], CollapsePolicy):
             values["collapse"] = CollapsePolicy.from_dict(values["collapse"])
         if "runtime" in values and not isinstance(values["runtime"], Runtime):
-            values["runtime"] = Runtime(**values["runtime"])
+            values["runtime"] = Runtime(**checked_fields(Runtime, values["runtime"], "runtime"))
         return cls(**values)
 
     @classmethod

@@ -9,7 +9,6 @@ import os
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = (ROOT.parent / "shared" / "data").resolve()
 
 # The converted SmolLM2 and the C0 statistics are cached across test sessions
 # (converting takes ~20 s, statistics minutes); everything else stays offline.
@@ -21,5 +20,5 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
-pytest_plugins = ["fixtures.models", "fixtures.evaluation", "fixtures.database", "fixtures.prefect",
+pytest_plugins = ["fixtures.data", "fixtures.models", "fixtures.evaluation", "fixtures.database", "fixtures.prefect",
                   "fixtures.runs"]

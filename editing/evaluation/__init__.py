@@ -15,7 +15,7 @@ from editing.evaluation.norms import LayerNorms, layer_norms
 from editing.evaluation.perplexity import perplexity
 from editing.evaluation.scoring import TargetScores, TokenScores, score_continuations, score_targets
 from editing.evaluation.suite import EvaluationConfig, EvaluationReport, evaluate
-from editing.corpus import TEXT_CORPORA, TextCorpus, data_dir, load_texts, sample_texts
+from editing.corpus import TEXT_CORPORA, TextReader, data_dir, load_texts, sample_texts
 
 __all__ = [
     "CounterFactScores", "FactResult", "PromptSetScores", "counterfact_metrics", "harmonic_mean", "retention",
@@ -25,5 +25,5 @@ __all__ = [
     "perplexity",
     "TargetScores", "TokenScores", "score_continuations", "score_targets",
     "EvaluationConfig", "EvaluationReport", "evaluate",
-    "TEXT_CORPORA", "TextCorpus", "data_dir", "load_texts", "sample_texts",
+    "TEXT_CORPORA", "TextReader", "data_dir", "load_texts", "sample_texts",
 ]

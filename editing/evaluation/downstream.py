@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from editing.evaluation.scoring import score_targets
-from editing.corpus import data_dir
+from editing.data import resolve
 from editing.models.adapter import ModelAdapter
 
 SHOT_SEPARATOR = "\n\n"
@@ -44,7 +44,8 @@ class TaskSpec:
     """
 
     name: str
-    file: str
+    dataset: str
+    """The dataset (``editing/data/catalog.yaml``) holding the task's records, a JSON list."""
     label_field: str
     template: str
     label_words: Mapping[Any, str]
@@ -55,20 +56,20 @@ class TaskSpec:
 _ENTAILMENT_TEMPLATE = "{sentence1}\nQuestion: {sentence2} True or False?\nAnswer:"
 
 TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
-    TaskSpec("sst2", "downstream/sst2.json", "label", "Review: {sentence}\nSentiment:",
+    TaskSpec("sst2", "sst2", "label", "Review: {sentence}\nSentiment:",
              {1: "positive", 0: "negative"}, shots=4),
-    TaskSpec("mrpc", "downstream/mrpc.json", "label",
+    TaskSpec("mrpc", "mrpc", "label",
              "Sentence 1: {sentence1}\nSentence 2: {sentence2}\nDo both sentences mean the same thing? Answer:",
              {1: "yes", 0: "no"}, shots=3),
-    TaskSpec("cola", "downstream/cola.json", "label",
+    TaskSpec("cola", "cola", "label",
              "Sentence: {sentence}\nIs this sentence grammatically correct? Answer:",
              {1: "yes", 0: "no"}, shots=6),
     # GLUE RTE: 0 = entailment, 1 = not_entailment.
-    TaskSpec("rte", "downstream/rte.json", "label", _ENTAILMENT_TEMPLATE, {0: "True", 1: "False"}, shots=3),
-    TaskSpec("mmlu", "downstream/mmlu.json", "answer",
+    TaskSpec("rte", "rte", "label", _ENTAILMENT_TEMPLATE, {0: "True", 1: "False"}, shots=3),
+    TaskSpec("mmlu", "mmlu", "answer",
              "Question: {question}\nA. {choices[0]}\nB. {choices[1]}\nC. {choices[2]}\nD. {choices[3]}\nAnswer:",
              {0: "A", 1: "B", 2: "C", 3: "D"}, shots=3),
-    TaskSpec("nli", "downstream/nli.json", "label", _ENTAILMENT_TEMPLATE,
+    TaskSpec("nli", "nli", "label", _ENTAILMENT_TEMPLATE,
              {"entailment": "True", "not_entailment": "False"}, shots=3),
 )}
 
@@ -93,8 +94,8 @@ class TaskAccuracy:
 
 
 def load_records(spec: TaskSpec, root: str | Path | None = None) -> list[dict[str, Any]]:
-    """The task file's records (a JSON list)."""
-    return json.loads((data_dir(root) / spec.file).read_text(encoding="utf-8"))
+    """The task's records (a JSON list), from wherever its dataset resolves (mirror, bundle, hub)."""
+    return json.loads(resolve(spec.dataset, root=root).path.read_text(encoding="utf-8"))
 
 
 def _round_robin(groups: list[list[int]], n: int) -> list[int]:

@@ -58,14 +58,7 @@ def load_model(name_or_path: str | None = None, *, dtype: torch.dtype = torch.fl
         raise ValueError("load_model takes a device or a device_map, not both: the device_map places the model")
     target = torch.device(device) if device is not None else default_device()
     name = name_or_path or DEFAULT_MODEL
-    if name.lower() in DEFAULT_ALIASES:
-        folder = converted_gguf(default_gguf_path())
-    elif name.lower().endswith(".gguf"):
-        folder = converted_gguf(Path(name))
-    elif Path(name).is_dir():
-        folder = Path(name)
-    else:
-        folder = None
+    folder = model_folder(name)
     source = str(folder) if folder is not None else name
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
@@ -82,6 +75,31 @@ def load_model(name_or_path: str | None = None, *, dtype: torch.dtype = torch.fl
     if device_map is None:
         model = model.to(target)
     return ModelAdapter(model, tokenizer, name=name, source_fingerprint=fingerprint)
+
+
+def model_folder(name_or_path: str | None) -> Path | None:
+    """The local folder a model loads from (the default and GGUF files converted once), or None for a hub name."""
+    name = name_or_path or DEFAULT_MODEL
+    if name.lower() in DEFAULT_ALIASES:
+        return converted_gguf(default_gguf_path())
+    if name.lower().endswith(".gguf"):
+        return converted_gguf(Path(name))
+    return Path(name) if Path(name).is_dir() else None
+
+
+def layer_count(name_or_path: str | None) -> int | None:
+    """The number of transformer blocks of a model, read from its configuration alone (no weights), so that
+    settings naming layers — and the model's name itself — can be checked before a model is loaded (None:
+    the configuration does not say)."""
+    from transformers import AutoConfig
+
+    folder = model_folder(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(str(folder) if folder is not None else name_or_path)
+    except (OSError, ValueError) as error:
+        raise FileNotFoundError(f"cannot load model {name_or_path!r}: not a local folder or GGUF file, and not "
+                                f"available from the Hugging Face hub or its local cache") from error
+    return getattr(config, "num_hidden_layers", None)
 
 
 def default_gguf_path() -> Path:

@@ -31,7 +31,7 @@ def parse_override(text: str) -> tuple[str, object]:
         return key.strip(), value
 
 
-def add_runtime_options(parser: argparse.ArgumentParser) -> None:
+def add_runtime_options(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     """``--device``, ``--dtype``, ``--threads`` (see :class:`editing.runtime.Runtime`)."""
     group = parser.add_argument_group("runtime (how, not what)")
     group.add_argument("--device", help="cuda, cuda:1 or cpu (default: CUDA when available)")
@@ -41,6 +41,7 @@ def add_runtime_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--threads", type=int, help="CPU threads (default: the CPUs this process may use)")
     group.add_argument("--device-map", type=_device_map, help="place the model across devices with accelerate: "
                        "auto, balanced, sequential, or JSON like '{\"model.layers.0\": 0, \"lm_head\": \"cpu\"}'")
+    return group
 
 
 def runtime_from_args(args: argparse.Namespace) -> dict[str, object]:
@@ -58,3 +59,34 @@ def _device_map(text: str) -> str | dict[str, str | int]:
         return json.loads(text)
     except json.JSONDecodeError as error:
         raise argparse.ArgumentTypeError(f"--device-map is a strategy name or a JSON object: {error}") from None
+
+
+def open_ledger(url: str | None, read_only: bool = False):
+    """The ledger's engine, connected once and checked to be at the current schema: every command starts
+    here, so that a bad URL, an unreachable server or an old schema is one line before anything else runs.
+    ``read_only`` commands never create an SQLite file and can read a ledger they may not write."""
+    from db.engine import make_engine
+    from db.migrate import require_current
+
+    engine = make_engine(url, read_only=read_only, check=True)
+    require_current(engine)
+    return engine
+
+
+def check_writer_free(engine, run_id: int) -> None:
+    """Refuse at once (:class:`db.errors.RunLockedError`) when another process writes run ``run_id``: the
+    check a command makes before it starts Prefect and loads a model (the flow takes the lock for real)."""
+    from db.ledger import acquire_writer
+
+    with acquire_writer(engine, run_id):
+        pass
+
+
+def check_datasets(settings) -> None:
+    """Resolve every dataset a run with ``settings`` reads (:meth:`flows.settings.RunSettings.required_datasets`)
+    before anything starts: a missing one is one line (:class:`editing.data.DataUnavailable`) instead of a
+    failure minutes into the run, and a hub copy is downloaded once, here."""
+    from editing.data import resolve
+
+    for name, sample in settings.required_datasets():
+        resolve(name, sample)

@@ -1,7 +1,7 @@
 """``seqedit demo``: the main job on the embedded defaults, start to finish.
 
 A fresh SQLite ledger in ``out/demo/``, the bundled CounterFact sample (200
-records, source in ``flows/data/README.md``) ingested, EMMET on SmolLM2-135M in
+records, source in ``editing/data/bundled/README.md``) ingested, EMMET on SmolLM2-135M in
 batches of 8 with an evaluation every 2 batches (baseline first), the metric
 table and the report plot, then a rollback of the run to batch 2 with its
 weights rebuilt from the ledger and verified against the recorded hashes.
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-from importlib import resources
 from pathlib import Path
 
 SAMPLE_SOURCE = "counterfact-sample"
@@ -21,17 +20,21 @@ SAMPLE_SOURCE = "counterfact-sample"
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("demo", help="ingest a CounterFact sample, edit it with EMMET, report, roll back",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("out/demo"), help="folder for the ledger and the report")
-    parser.add_argument("--facts", type=int, default=32, help="facts to edit (default 32: 4 batches of 8)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--algo", dest="algorithm", choices=("memit", "emmet"), default="emmet")
+    parser.add_argument("--out", type=Path, default=Path("out/demo"),
+                        help="folder for the ledger and the report, emptied first (default: out/demo)")
+    parser.add_argument("--facts", type=int, default=32, help="facts to edit (default: 32, 4 batches of 8)")
+    parser.add_argument("--batch-size", type=int, default=8, help="facts per batch (default: 8)")
+    parser.add_argument("--algo", dest="algorithm", choices=("memit", "emmet"), default="emmet",
+                        help="objective (default: emmet)")
     parser.add_argument("--model", help="default: the embedded SmolLM2-135M")
     parser.set_defaults(handler=handle)
 
 
 def sample_path() -> Path:
-    """The bundled CounterFact sample (package data)."""
-    return Path(str(resources.files("flows") / "data" / "counterfact-sample.json"))
+    """The demo's CounterFact sample (bundled with the package; a mirror's copy wins, see :mod:`editing.data`)."""
+    from editing.data import resolve
+
+    return resolve(SAMPLE_SOURCE).path
 
 
 def handle(args: argparse.Namespace) -> int:

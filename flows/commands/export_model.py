@@ -25,11 +25,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("export-model", help="write a run's edited model at any applied batch "
                                                         "(Hugging Face folder, optionally GGUF)",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", type=int, required=True, metavar="RUN_ID")
+    parser.add_argument("--run", type=int, required=True, metavar="RUN_ID", help="the run whose model to write")
     parser.add_argument("--seq", type=int, help="batch sequence number (default: the run's last applied batch)")
     parser.add_argument("--out", type=Path, required=True, help="folder to write the model into (created)")
     parser.add_argument("--format", choices=("safetensors", "gguf"), default="safetensors",
-                        help="safetensors: the Hugging Face folder; gguf: the folder and a float32 GGUF in it")
+                        help="safetensors: the Hugging Face folder; gguf: the folder and a float32 GGUF in it "
+                             "(default: safetensors)")
     parser.add_argument("--force", action="store_true", help="replace the model files of a non-empty --out folder")
     parser.add_argument("--db", metavar="URL", help=DB_HELP)
     parser.add_argument("--json", action="store_true", help="print the provenance record (seqedit.json) as JSON")
@@ -37,12 +38,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
-    from db.engine import make_engine
-    from db.migrate import require_current
+    from flows.commands.common import open_ledger
     from flows.model_export import PROVENANCE_FILE, export_model
 
-    engine = make_engine(args.db)
-    require_current(engine)
+    engine = open_ledger(args.db, read_only=True)
     folder = export_model(engine, args.run, args.seq, args.out, args.format, args.force)
     record = json.loads((folder / PROVENANCE_FILE).read_text())
     if args.json:

@@ -3,7 +3,7 @@
 * no option: every run;
 * ``--run ID``: the run's batches (status, facts, timings) — add ``--metrics`` for its metric
   values per evaluation, ``--alarms`` for its collapse alarms;
-* ``--subject TEXT``: every batch, of any run, that edited a fact about that subject.
+* ``--subject TEXT``: every batch, of any run, that edited a fact whose subject contains TEXT (any case).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--run", type=int, metavar="RUN_ID", help="one run's batches")
     parser.add_argument("--metrics", action="store_true", help="with --run: metric values per evaluation")
     parser.add_argument("--alarms", action="store_true", help="with --run: collapse alarms")
-    parser.add_argument("--subject", help="every edit ever applied to this subject")
+    parser.add_argument("--subject", help="every edit of a subject containing this text (any case), in any run")
     parser.add_argument("--db", metavar="URL", help=DB_HELP)
     parser.add_argument("--json", action="store_true", help="print records as JSON")
     parser.set_defaults(handler=handle)
@@ -28,14 +28,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def handle(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from db.engine import make_engine
     from db.history import alarms_frame, batches_frame, edits_for_subject, runs_frame
-    from db.migrate import require_current
     from db.runs import get_run
+    from flows.commands.common import open_ledger
     from flows.reporting import metrics_wide
 
-    engine = make_engine(args.db)
-    require_current(engine)
+    engine = open_ledger(args.db, read_only=True)
     if (args.metrics or args.alarms) and args.run is None:
         raise ValueError("--metrics and --alarms need --run RUN_ID")
     if args.subject is not None:
@@ -50,8 +48,10 @@ def handle(args: argparse.Namespace) -> int:
         print(frame.to_json(orient="records", date_format="iso", default_handler=str))
         return 0
     if frame.empty:
-        print("(nothing recorded)")
+        print(f"(no edit of a subject containing {args.subject!r}; the match ignores case)"
+              if args.subject is not None else "(nothing recorded)")
         return 0
+    frame = frame.astype(object).where(frame.notna(), "")  # an unnamed run shows nothing, not NaN
     with pd.option_context("display.max_rows", 500, "display.max_columns", 40, "display.width", 200,
                            "display.float_format", "{:.4f}".format):
         print(frame.drop(columns=[c for c in ("claimed_at", "finished_at") if c in frame and args.run], errors="ignore")

@@ -17,7 +17,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                    description=__doc__)
     parser.add_argument("--run", type=int, required=True, action="append", metavar="RUN_ID",
                         help="a run to report; repeat to compare runs")
-    parser.add_argument("--out", type=Path, default=Path("reports"), help="folder for the files (default ./reports)")
+    parser.add_argument("--out", type=Path, default=Path("reports"), help="folder for the files (default: ./reports)")
     parser.add_argument("--db", metavar="URL", help=DB_HELP)
     parser.add_argument("--quiet", action="store_true", help="print only the paths, not the summary")
     parser.set_defaults(handler=handle)
@@ -48,11 +48,9 @@ def write_comparison(engine, run_ids: list[int], out: Path) -> tuple[Path, Path,
 
 
 def handle(args: argparse.Namespace) -> int:
-    from db.engine import make_engine
-    from db.migrate import require_current
+    from flows.commands.common import open_ledger
 
-    engine = make_engine(args.db)
-    require_current(engine)
+    engine = open_ledger(args.db, read_only=True)
     if len(args.run) > 1:
         plot, summary, markdown = write_comparison(engine, args.run, args.out)
     else:

@@ -48,17 +48,19 @@ def bulk_update_deployment(run_id: int, db_url: str, cron: str, timezone: str = 
 def handle(args: argparse.Namespace) -> int:
     from prefect import serve
 
-    from db.engine import absolute_url, make_engine
-    from db.migrate import require_current
+    from db.engine import absolute_url
     from db.runs import get_run
+    from flows.commands.common import check_datasets, open_ledger
+    from flows.commands.run import check_layers
     from flows.run_state import create_run_context
     from flows.settings import RunSettings
 
     url = absolute_url(args.db)
-    engine = make_engine(url)
-    require_current(engine)
+    engine = open_ledger(url)
     if args.run is None:
         settings = RunSettings.from_dict(settings_from_args(args))
+        check_layers(settings)
+        check_datasets(settings)
         run_id = create_run_context(engine, settings).run.id
         print(f"created run {run_id} ({settings.algorithm}); each scheduled flow run continues it")
     else:

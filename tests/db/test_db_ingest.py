@@ -27,6 +27,7 @@ from db.models import FactRecord
 from db.readers import SourceRecord, read_records
 from editing.facts import fact_from_record
 from flows.cli import main
+from fixtures.data import dataset_path
 
 MALFORMED = {
     1: ("pending", None),
@@ -56,20 +57,20 @@ def _count(engine) -> int:
         return session.scalar(select(func.count()).select_from(FactRecord))
 
 
-def test_counterfact_full_schema(database, shared_data):
-    summary = ingest_file(database.engine, shared_data / "counterfact" / "counterfact-1000.json")
+def test_counterfact_full_schema(database):
+    summary = ingest_file(database.engine, dataset_path("counterfact-1000"))
     assert (summary.records, summary.accepted, summary.pending, summary.rejected_total) == (1000, 1000, 1000, 0)
     frame = facts_frame(database.engine, source="counterfact-1000.json")
     assert len(frame) == 1000 and set(frame["status"]) == {"pending"}
-    first = json.loads((shared_data / "counterfact" / "counterfact-1000.json").read_text())[0]
+    first = json.loads((dataset_path("counterfact-1000")).read_text())[0]
     with transaction(database.engine) as session:
         stored = session.scalars(select(FactRecord).order_by(FactRecord.id).limit(1)).one().to_fact()
     assert stored == fact_from_record(first, where="record 0")
     assert len(stored.paraphrase_prompts) == 2 and len(stored.neighborhood_prompts) == 10
 
 
-def test_counterfact_easyedit_schema_with_its_duplicates(database, shared_data):
-    summary = ingest_file(database.engine, shared_data / "counterfact" / "counterfact-easyedit-edit.json")
+def test_counterfact_easyedit_schema_with_its_duplicates(database):
+    summary = ingest_file(database.engine, dataset_path("counterfact-easyedit-edit"))
     assert (summary.records, summary.accepted, summary.rejected_total) == (9788, 9788, 0)
     # Three requests in this file repeat an earlier (subject, prompt, new target) with another true target.
     assert (summary.pending, summary.duplicates) == (9785, 3)
@@ -79,8 +80,8 @@ def test_counterfact_easyedit_schema_with_its_duplicates(database, shared_data):
     assert list(originals["target_new"]) == list(duplicates["target_new"])
 
 
-def test_reingesting_the_same_file_inserts_nothing(database, shared_data):
-    path = shared_data / "counterfact" / "counterfact-1000.json"
+def test_reingesting_the_same_file_inserts_nothing(database):
+    path = dataset_path("counterfact-1000")
     ingest_file(database.engine, path)
     before = _dump_facts(database.engine)
     again = ingest_file(database.engine, path)
@@ -88,8 +89,8 @@ def test_reingesting_the_same_file_inserts_nothing(database, shared_data):
     assert _dump_facts(database.engine) == before
 
 
-def test_the_same_facts_under_another_source_are_duplicates(database, shared_data):
-    path = shared_data / "counterfact" / "counterfact-1000.json"
+def test_the_same_facts_under_another_source_are_duplicates(database):
+    path = dataset_path("counterfact-1000")
     ingest_file(database.engine, path)
     other = ingest_file(database.engine, path, source="copy")
     assert (other.accepted, other.pending, other.duplicates) == (1000, 0, 1000)
@@ -130,8 +131,8 @@ def test_sql_metacharacters_are_stored_verbatim(database, malformed_facts):
     assert _count(database.engine) == 14
 
 
-def test_a_failed_ingest_leaves_the_database_unchanged(database, shared_data):
-    ingest_file(database.engine, shared_data / "counterfact" / "counterfact-1000.json")
+def test_a_failed_ingest_leaves_the_database_unchanged(database):
+    ingest_file(database.engine, dataset_path("counterfact-1000"))
     before = _dump_facts(database.engine)
 
     def records_then_crash():

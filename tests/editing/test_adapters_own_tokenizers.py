@@ -8,8 +8,6 @@ tokenisation and a whole edit are exercised on that convention end to end.
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from tokenizers import ByteLevelBPETokenizer
@@ -21,15 +19,15 @@ from editing.facts import fact_from_record
 from editing.keys_values import build_rewrite_rows
 from editing.models import ModelAdapter
 from editing.stats import second_moments
-from fixtures.models import COUNTERFACT_1000, SHARED_DATA
+from fixtures.data import counterfact_records, dataset_path
 
 EOS = "<|endoftext|>"
 
 
 @pytest.fixture(scope="module")
 def byte_level_tokenizer() -> PreTrainedTokenizerFast:
-    lines = (SHARED_DATA / "text" / "wikitext-2-raw-valid.txt").read_text(encoding="utf-8").splitlines()[:3000]
-    records = json.loads(COUNTERFACT_1000.read_text())[:50]
+    lines = dataset_path("wikitext-2-valid").read_text(encoding="utf-8").splitlines()[:3000]
+    records = counterfact_records(0, 50)
     prompts = [record["requested_rewrite"]["prompt"].format(record["requested_rewrite"]["subject"])
                for record in records]
     trainer = ByteLevelBPETokenizer(add_prefix_space=False)
@@ -49,8 +47,7 @@ def _model(family: str, vocab: int) -> torch.nn.Module:
 
 @pytest.fixture(scope="module")
 def facts():
-    records = json.loads(COUNTERFACT_1000.read_text())
-    return [fact_from_record(record, index) for index, record in enumerate(records[:4])]
+    return [fact_from_record(record, index) for index, record in enumerate(counterfact_records(0, 4))]
 
 
 @pytest.mark.parametrize("family", ["gpt2", "gptj"])

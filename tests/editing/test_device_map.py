@@ -24,7 +24,8 @@ from editing.facts import fact_from_record
 from editing.models import ModelAdapter, load_model
 from editing.runtime import Runtime
 from editing.stats import second_moments
-from fixtures.models import COUNTERFACT_1000, build_tiny_model
+from fixtures.data import counterfact_records
+from fixtures.models import build_tiny_model
 
 N_LAYERS = 5
 EDITED = (2, 3)
@@ -60,8 +61,7 @@ def dispatched(model_folder) -> ModelAdapter:
 
 @pytest.fixture(scope="module")
 def facts():
-    records = json.loads(COUNTERFACT_1000.read_text())
-    return [fact_from_record(record, index) for index, record in enumerate(records[:3])]
+    return [fact_from_record(record, index) for index, record in enumerate(counterfact_records(0, 3))]
 
 
 def _resident_state(adapter: ModelAdapter) -> dict[str, torch.Tensor]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
@@ -11,15 +10,14 @@ from editing.config import EditConfig, ValueParams
 from editing.distribution import MemitSpread, get_distribution
 from editing.editor import Editor
 from editing.facts import fact_from_record
-from fixtures.models import COUNTERFACT_1000
+from fixtures.data import counterfact_records
 
 PREFIXES = ("", "The weather was cold. ")
 
 
 @pytest.fixture(scope="module")
 def facts():
-    records = json.loads(COUNTERFACT_1000.read_text())
-    return [fact_from_record(record) for record in records[:4]]
+    return [fact_from_record(record) for record in counterfact_records(0, 4)]
 
 
 def _second_moments(adapter, layers) -> dict[int, torch.Tensor]:

@@ -20,10 +20,9 @@ from editing.config import hparams_key_for, load_edit_config
 from editing.delta import LowRankDelta
 from editing.editor import Editor
 from editing.evaluation import counterfact_metrics
-from editing.facts import fact_from_record
 from editing.stats import second_moments
 from flows.cli import main
-from fixtures.models import COUNTERFACT_1000
+from fixtures.data import counterfact_facts_between
 
 SHORT_VALUES = {"values.steps": 15, "values.n_prefixes": 2}
 
@@ -34,9 +33,7 @@ HELD_OUT = slice(300, 500)
 
 @pytest.fixture(scope="module")
 def counterfact() -> list:
-    records = json.loads(COUNTERFACT_1000.read_text())
-    return [fact_from_record(record, f"record {index}") for index, record in
-            enumerate(records[HELD_OUT], start=HELD_OUT.start)]
+    return counterfact_facts_between(HELD_OUT.start, HELD_OUT.stop)
 
 
 @pytest.fixture(scope="module", autouse=True)

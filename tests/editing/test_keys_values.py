@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
@@ -11,15 +10,14 @@ from editing.config import ValueParams
 from editing.facts import fact_from_record
 from editing.keys_values import build_rewrite_rows, compute_keys, compute_value_targets
 from editing.tokens import encode_target
-from fixtures.models import COUNTERFACT_1000
+from fixtures.data import counterfact_records
 
 PREFIXES = ("", "The weather was cold. ", "Therefore a new plan. ")
 
 
 @pytest.fixture(scope="module")
 def facts():
-    records = json.loads(COUNTERFACT_1000.read_text())
-    return [fact_from_record(record) for record in records[:4]]
+    return [fact_from_record(record) for record in counterfact_records(0, 4)]
 
 
 def test_keys_weigh_the_bare_prompt_as_much_as_all_prefixes(tiny_model, facts):

@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import copy
-import json
 
 import pytest
 from tokenizers.processors import TemplateProcessing
 
 from editing.facts import fact_from_record
 from editing.tokens import encode_target, last_token_before
-from fixtures.models import COUNTERFACT_1000
+from fixtures.data import counterfact_records
 
 
 @pytest.fixture(scope="module")
 def facts():
-    records = json.loads(COUNTERFACT_1000.read_text())
-    return [fact_from_record(record) for record in records[:40]]
+    return [fact_from_record(record) for record in counterfact_records(0, 40)]
 
 
 @pytest.fixture(scope="module")

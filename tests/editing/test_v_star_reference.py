@@ -17,7 +17,6 @@ targets and the comparison checks which norm each one uses.
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 
 import pytest
@@ -26,7 +25,7 @@ import torch
 from editing.config import ValueParams
 from editing.facts import Fact, fact_from_record
 from editing.keys_values import compute_value_targets
-from fixtures.models import COUNTERFACT_1000
+from fixtures.data import counterfact_records
 
 LAYER = 6
 PREFIXES = ("", "The weather was cold that day. ", "Because of this, ")
@@ -112,8 +111,7 @@ def plain_v_star(adapter, fact: Fact, layer: int, params: ValueParams) -> torch.
 
 @pytest.fixture(scope="module")
 def three_facts() -> list[Fact]:
-    records = json.loads(COUNTERFACT_1000.read_text())
-    return [fact_from_record(record, index) for index, record in enumerate(records[600:603])]
+    return [fact_from_record(record, index) for index, record in enumerate(counterfact_records(600, 603), start=600)]
 
 
 @pytest.mark.parametrize("family", ["gpt2", "gptj", "llama"])

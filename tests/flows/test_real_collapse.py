@@ -20,7 +20,7 @@ from db.history import alarms_frame, batches_frame, metrics_frame
 from db.ingest import ingest_file
 from flows.pipeline import sequential_edit
 from flows.settings import RunSettings
-from fixtures.models import COUNTERFACT_EASYEDIT
+from fixtures.data import dataset_path
 
 pytestmark = [pytest.mark.slow, pytest.mark.smollm, pytest.mark.usefixtures("prefect_server")]
 
@@ -33,7 +33,7 @@ MARGIN = 20
 @pytest.mark.parametrize("empty_database_url", ["sqlite"], indirect=True)
 def test_sequential_rome_on_smollm2_trips_the_detector_by_itself(database):
     engine = database.engine
-    ingest_file(engine, COUNTERFACT_EASYEDIT, source="cf-edit")
+    ingest_file(engine, dataset_path("counterfact-easyedit-edit"), source="cf-edit")
     settings = RunSettings.from_dict({
         "algorithm": "rome", "batch_size": 1, "eval_every": 0, "fact_source": "cf-edit", "fact_pool": "private",
         "limit": FIRST_ALARM + MARGIN, "edit_overrides": {"values.n_prefixes": 0}, "collapse": {"action": "stop"},

@@ -203,9 +203,11 @@ def test_a_sigterm_stops_the_run_with_its_temporary_prefect_server_and_the_run_r
 
     run_id = int(runs_frame(engine)["run_id"].max())
     assert runs_frame(engine).set_index("run_id").loc[run_id, "status"] == "failed"
-    assert list(batches_frame(engine, run_id)["status"]) == ["applied", "in_progress"]
+    # The interrupted batch was given back (its facts claimable again), not left in progress.
+    assert list(batches_frame(engine, run_id)["status"]) == ["applied", "failed"]
     outcome = sequential_edit(run_id=run_id, db_url=url)
     assert (outcome["status"], outcome["seq"]) == ("completed", 3)
+    assert list(batches_frame(engine, run_id)["status"]) == ["applied", "failed", "applied", "applied"]
     assert _hashes(engine, run_id) == reference
 
 

@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from editing.evaluation import TEXT_CORPORA, load_texts, perplexity, sample_texts
+from fixtures.data import dataset_path
 
 
-def test_wikitext_paragraphs_are_prose_without_headings_or_carriage_returns(shared_data):
-    paragraphs = TEXT_CORPORA["wikitext-2-test"].load(shared_data / TEXT_CORPORA["wikitext-2-test"].file)
+def test_wikitext_paragraphs_are_prose_without_headings_or_carriage_returns():
+    paragraphs = TEXT_CORPORA["wikitext-2-test"].read(dataset_path("wikitext-2-test"))
     assert len(paragraphs) > 1000
     assert not any(p.startswith("=") and p.endswith("=") for p in paragraphs)
     assert not any("\r" in p or "\n" in p for p in paragraphs)
@@ -20,8 +21,9 @@ def test_wikitext_paragraphs_are_prose_without_headings_or_carriage_returns(shar
 
 
 @pytest.mark.parametrize("corpus, count", [("me-ppl-50", 50), ("me-ppl-1k", None), ("wikipedia-leads", None)])
-def test_json_corpora_load_non_empty_stripped_texts(shared_data, corpus, count):
-    texts = load_texts(corpus, root=shared_data)
+def test_json_corpora_load_non_empty_stripped_texts(corpus, count):
+    dataset_path(corpus)
+    texts = load_texts(corpus)
     assert texts and all(text == text.strip() and text for text in texts)
     if count is not None:
         assert len(texts) == count
@@ -52,15 +54,15 @@ def test_perplexity_is_token_weighted_and_ignores_padding(tiny_model):
     assert perplexity(adapter, texts, batch_size=2) == pytest.approx(math.exp(total_nll / total_tokens), rel=1e-4)
 
 
-def test_random_tiny_model_is_about_as_perplexed_as_its_vocabulary_is_large(tiny_model, shared_data):
+def test_random_tiny_model_is_about_as_perplexed_as_its_vocabulary_is_large(tiny_model):
     adapter = tiny_model("llama")
     vocab = adapter.model.config.vocab_size
-    value = perplexity(adapter, load_texts("wikitext-2-test", 4, seed=0, root=shared_data), max_tokens=64)
+    value = perplexity(adapter, load_texts("wikitext-2-test", 4, seed=0), max_tokens=64)
     assert 0.5 * vocab < value < 2 * vocab
 
 
 @pytest.mark.smollm
-def test_smollm2_perplexity_on_wikitext_is_sane(smollm2_session, shared_data):
-    texts = load_texts("wikitext-2-test", 16, seed=0, root=shared_data)
+def test_smollm2_perplexity_on_wikitext_is_sane(smollm2_session):
+    texts = load_texts("wikitext-2-test", 16, seed=0)
     value = perplexity(smollm2_session, texts, max_tokens=128, batch_size=8)
     assert 5 < value < 200
