@@ -1,6 +1,6 @@
 """Second-moment statistics ``C0 = E[k kᵀ]`` of the keys of ordinary text, cached on disk.
 
-``C0`` summarises the keys an edit must preserve (MATH.md). Estimating it means
+``C0`` summarises the keys an edit must preserve (docs/math.md). Estimating it means
 running the model over thousands of texts, the most expensive one-off step of
 editing, so it is done once per (model, layer, corpus, sample count, length):
 

@@ -1,6 +1,6 @@
 """Collapse detection: rules over evaluation metrics, relative to the run's baseline.
 
-Sequential editing degrades a model gradually and sometimes at once (MATH.md,
+Sequential editing degrades a model gradually and sometimes at once (docs/math.md,
 "Collapse"): downstream accuracy falls toward chance, perplexity rises,
 generations repeat (GE drops), the edited matrices' norms grow, earlier edits
 are forgotten. Each symptom is a :class:`CollapseRule` — a metric-name pattern,

@@ -1,4 +1,4 @@
-"""CounterFact metrics (MATH.md, "CounterFact metrics"): ES, PS, NS, EM, PM, NM and S.
+"""CounterFact metrics (docs/math.md, "CounterFact metrics"): ES, PS, NS, EM, PM, NM and S.
 
 A target's probability is compared through its mean per-token negative
 log-likelihood after the prompt (lower NLL = more probable); magnitudes are

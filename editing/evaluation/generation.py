@@ -2,7 +2,7 @@
 
 A collapsing model starts to loop ("the the the", a phrase repeated to the end),
 which shows as a fall of the n-gram entropy of its greedy generations long
-before perplexity explodes (MATH.md, "CounterFact metrics" and "Collapse").
+before perplexity explodes (docs/math.md, "CounterFact metrics" and "Collapse").
 
 The definition is ROME's (Meng et al. 2022, ``compute_n_gram_entropy``):
 
@@ -17,7 +17,7 @@ The definition is ROME's (Meng et al. 2022, ``compute_n_gram_entropy``):
 * GE is the arithmetic mean over the generated texts.
 
 As in ROME, the text is the prompt followed by its generation. Unlike ROME's
-top-k sampling, generation here is greedy (MATH.md), so GE is deterministic.
+top-k sampling, generation here is greedy (docs/math.md), so GE is deterministic.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Norms of the edited matrices: the earliest collapse symptom (MATH.md, "Collapse").
+"""Norms of the edited matrices: the earliest collapse symptom (docs/math.md, "Collapse").
 
 Sequential edits accumulate in a few MLP matrices; before a model degrades
 visibly, ``‖W − W0‖_F`` (and with it ``‖W‖_F``) of an edited layer grows

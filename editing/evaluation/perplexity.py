@@ -1,4 +1,4 @@
-"""Token-weighted perplexity on held-out text, a collapse symptom (MATH.md, "Collapse").
+"""Token-weighted perplexity on held-out text, a collapse symptom (docs/math.md, "Collapse").
 
 ``PPL = exp(Σ NLL / Σ tokens)`` over every predicted token of every text: a
 long text weighs as much as its tokens, so the value does not depend on how
