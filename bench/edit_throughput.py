@@ -35,7 +35,7 @@ from editing.distribution import distribute
 from editing.editor import Editor
 from editing.evaluation import counterfact_metrics
 from editing.facts import fact_from_record
-from editing.keys_values import build_rewrite_rows
+from editing.rows import build_rewrite_rows
 from editing.models import load_model
 from editing.runtime import Runtime
 from naive_reference import naive_z, reference_prefixes
@@ -125,8 +125,8 @@ def main() -> int:
         row = {"batch_size": size, "engine_facts_per_s": size / seconds, "engine_v_star_facts_per_s":
                size / edit.seconds["v_star"], "naive_facts_per_s": naive["facts_per_s"],
                "speedup": (size / seconds) / naive["facts_per_s"],
-               "engine_steps_mean": float(edit.values.steps.float().mean()),
-               "engine_stop_reasons": {r: edit.values.stop_reasons.count(r) for r in set(edit.values.stop_reasons)},
+               "engine_steps_mean": float(edit.v_star.steps.float().mean()),
+               "engine_stop_reasons": {r: edit.v_star.stop_reasons.count(r) for r in set(edit.v_star.stop_reasons)},
                "engine_peak_mib": peak / 2**20, **{f"engine_{k}": quality.get(k) for k in QUALITY}}
         if size == naive_size:
             row.update({f"naive_{k}": naive["quality"].get(k) for k in QUALITY})

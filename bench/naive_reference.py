@@ -7,7 +7,7 @@ from "The", "Therefore", "Because", "I", "You", the KL term on "{subject} is a",
 the clamp and the weight decay scaled by the residual, the loss-below-0.05 stop
 and no other. Each step runs the whole model forward and backward on the
 fact's 7 rows (6 rewrite prompts and the KL prompt, padded together, as the
-references do). Nothing here comes from ``editing/keys_values.py``.
+references do). Nothing here comes from ``editing/v_star.py``.
 """
 
 from __future__ import annotations

@@ -30,7 +30,8 @@ from editing.editor import null_spaces_for
 from editing.distribution import LayerSolver, distribute, get_distribution
 from editing.evaluation import counterfact_metrics
 from editing.facts import fact_from_record
-from editing.keys_values import ValueTargets, build_rewrite_rows, compute_value_targets
+from editing.rows import build_rewrite_rows
+from editing.v_star import VStar, compute_v_star
 from editing.models import load_model
 from editing.prefixes import generate_prefixes
 from editing.stats import second_moments
@@ -59,7 +60,7 @@ def main() -> int:
     print(f"{'pre':70s} {table_row(pre)}  ({len(facts)} facts)", flush=True)
     results: list[dict[str, object]] = []
     prefix_cache: dict[tuple[int, int], tuple[str, ...]] = {}
-    value_cache: dict[str, ValueTargets] = {}
+    value_cache: dict[str, VStar] = {}
     for overrides in [json.loads(text) for text in args.config] or [{}]:
         algorithm = overrides.get("algorithm", args.algo)
         config: EditConfig = load_edit_config(key, algorithm, {k: v for k, v in overrides.items() if k != "algorithm"})
@@ -73,7 +74,7 @@ def main() -> int:
         prefixes = prefix_cache[prefix_key]
         value_key = json.dumps([layers[-1], config.to_dict()["values"]])
         if value_key not in value_cache:
-            value_cache[value_key] = compute_value_targets(adapter, facts, layers[-1], prefixes, config.values)
+            value_cache[value_key] = compute_v_star(adapter, facts, layers[-1], prefixes, config.values)
         values_seconds = time.perf_counter() - started
         values = value_cache[value_key]
         rows = build_rewrite_rows(adapter, facts, prefixes, with_targets=False)

@@ -12,7 +12,7 @@ that ``seqedit init`` or Alembic do not pay for torch and pandas):
 * :mod:`db.locks`, :mod:`db.ledger` — ``acquire_writer`` → ``RunWriter``: claim, commit, fail, roll back;
 * :mod:`db.replay` — ``weights_at``, ``last_applied_seq``: bit-identical weights at any applied batch,
   verified by sha256;
-* :mod:`db.evaluations` — ``record_evaluation``, ``record_alarm``;
+* :mod:`db.evaluations` — ``record_evaluation`` (metrics and the alarms they raised, together);
 * :mod:`db.history` — ``batches_frame``, ``metrics_frame``, ``edits_for_subject``, ... as DataFrames;
 * :mod:`db.tensors` — tensors ↔ safetensors bytes;
 * :mod:`db.errors` — the exceptions.

@@ -33,7 +33,8 @@ class Metric(NamedTuple):
 
 
 class AlarmRow(NamedTuple):
-    """A collapse alarm to record with the evaluation that raised it (see :func:`record_alarm` for the fields)."""
+    """A collapse alarm to record with the evaluation that raised it: the rule (``METRIC:TEST:THRESHOLD``), the
+    metric it fired on, the value and baseline compared, the threshold, the policy's action and a message."""
 
     rule: str
     metric: str
@@ -76,19 +77,6 @@ def record_evaluation(engine: Engine, run_id: int, seq: int, metrics: Iterable[M
         if request is not None:
             complete_request(session, *request, evaluation_id=evaluation.id)
         return evaluation.id
-
-
-def record_alarm(engine: Engine, run_id: int, seq: int, *, rule: str, metric: str, value: float | None,
-                 baseline: float | None, threshold: float | None, action: str, message: str,
-                 evaluation_id: int | None = None) -> int:
-    """Store a collapse alarm raised at point ``seq`` (and the policy ``action`` taken); returns its id."""
-    with transaction(engine, write=True) as session:
-        alarm = AlarmRecord(run_id=run_id, batch_id=_point(session, run_id, seq), evaluation_id=evaluation_id,
-                            rule=rule, metric=metric, value=_number(value), baseline=_number(baseline),
-                            threshold=_number(threshold), action=action, message=message)
-        session.add(alarm)
-        session.flush()
-        return alarm.id
 
 
 def _point(session: Session, run_id: int, seq: int) -> int | None:

@@ -1,10 +1,18 @@
 """Hyperparameters as data: dataclasses filled from per-model YAML files.
 
 ``editing/hparams/<model>.yaml`` holds, for one model, a ``defaults`` section
-and one section per algorithm (``rome``, ``memit``, ``emmet``) that overrides
-it. :func:`load_edit_config` merges them and applies caller overrides (from the
-CLI, or a run's recorded configuration) on top, so that a run is fully
-described by one JSON-serialisable :class:`EditConfig`.
+and one section per algorithm (``rome``, ``memit``, ``emmet`` …). An edit setting
+can be given in four places, and **a later one wins**:
+
+1. the hparams file's ``defaults``;
+2. its section for the algorithm;
+3. the run file's ``edit_overrides`` (``seqedit run --config run.yaml``);
+4. ``--set KEY=VALUE`` on the command line (and ``--layers``/``--distribution``).
+
+Places 3 and 4 are flattened to dotted keys (:func:`flatten`) and merged by one
+dict update into a run's ``edit_overrides``; :func:`load_edit_config` applies them
+on top of 1–2. That is the only merge, so a run is fully described by one
+JSON-serialisable :class:`EditConfig`.
 """
 
 from __future__ import annotations
@@ -12,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import yaml
 
@@ -23,7 +31,7 @@ HPARAMS_DIR = Path(__file__).parent / "hparams"
 
 @dataclass(frozen=True)
 class ObjectiveParams:
-    """Weights of the preservation–memorization objective (MATH.md).
+    """Weights of the preservation–memorization objective (docs/math.md).
 
     ``mom2_update_weight`` is λ, the weight of the preserved keys' second moment
     ``C0``; ``update_norm_lambda`` is μ, a ridge ``μ I`` added to ``λ C0`` (ENCORE's
@@ -153,6 +161,18 @@ def _build(kind: type, values: Mapping[str, Any], section: str) -> Any:
     return kind(**checked_fields(kind, values, section))
 
 
+def flatten(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"values": {"steps": 3}, "layers": [4]}`` → ``{"values.steps": 3, "layers": [4]}``: overrides in one
+    form, so that merging two sets of them is a dict update in which the later set wins key by key."""
+    flat: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if key in _SECTIONS and isinstance(value, Mapping):
+            flat.update({f"{key}.{name}": inner for name, inner in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
 def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
     nested: dict[str, Any] = {}
     for key, value in flat.items():
@@ -172,6 +192,16 @@ def _merge(base: dict[str, Any], update: Mapping[str, Any]) -> None:
             base[key] = value
 
 
+def layer_overrides(layers: Sequence[int], distribution: str | None = None) -> dict[str, Any]:
+    """The overrides that choose the edit layers (``--layers``): a single layer is edited alone
+    (``single_layer``) unless a distribution is named — spreading over one layer would be the same edit
+    under another name, and ``single_layer`` is what ROME-style configurations are recorded as."""
+    overrides: dict[str, Any] = {"layers": list(layers)}
+    if distribution is not None or len(layers) == 1:
+        overrides["distribution"] = distribution or "single_layer"
+    return overrides
+
+
 def hparams_file(model_key: str) -> Path:
     path = HPARAMS_DIR / f"{model_key}.yaml"
     if not path.exists():
@@ -181,9 +211,10 @@ def hparams_file(model_key: str) -> Path:
 
 
 def load_edit_config(model_key: str, algorithm: str, overrides: Mapping[str, Any] | None = None) -> EditConfig:
-    """Merge ``defaults`` and the ``algorithm`` section of a model's YAML, then ``overrides``.
+    """Merge ``defaults`` and the ``algorithm`` section of a model's YAML, then ``overrides`` (the module
+    docstring states the order).
 
-    ``overrides`` may use dotted keys (``{"values.steps": 10, "layers": [4, 5]}``).
+    ``overrides`` may use dotted keys (``{"values.steps": 10, "layers": [4, 5]}``) or sections.
     """
     document = yaml.safe_load(hparams_file(model_key).read_text())
     if algorithm not in document:
@@ -191,7 +222,7 @@ def load_edit_config(model_key: str, algorithm: str, overrides: Mapping[str, Any
     data: dict[str, Any] = {"algorithm": algorithm}
     _merge(data, document.get("defaults", {}))
     _merge(data, document[algorithm])
-    _merge(data, _nest(overrides or {}))
+    _merge(data, _nest(flatten(overrides or {})))
     return EditConfig.from_dict(data)
 
 

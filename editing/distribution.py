@@ -1,10 +1,10 @@
 """Edit distribution: how one batch's change is spread over the edit layers.
 
-MATH.md ("Edit distribution"): the target residuals ``Z`` are computed once at
-the last edit layer ``l_T``; then, layer by layer, with earlier updates already
-applied, the keys ``K^{l_t}`` and the current residuals ``Z_cur`` are read,
-a share of the remaining residual ``Z − Z_cur`` becomes that layer's
-memorization target, and any objective solves for the layer's update.
+docs/math.md ("Edit distribution"): the target residuals ``z`` (v*) are computed once
+at the last edit layer ``l_T``; then, layer by layer, with earlier updates already
+applied, the keys ``K^{l_t}`` and the current residuals ``z_cur`` are read,
+a share of the remaining residual ``z − z_cur`` becomes that layer's residual ``R``,
+and any objective solves for the layer's update.
 
 The strategies differ only in which layers they edit and which share of the
 remaining residual each gets, so that is all an :class:`EditDistribution`
@@ -22,7 +22,8 @@ import torch
 
 from editing.config import ObjectiveParams
 from editing.delta import LowRankDelta, apply_delta
-from editing.keys_values import RewriteRows, compute_keys
+from editing.keys import compute_keys
+from editing.rows import RewriteRows
 from editing.memory import EditMemory
 from editing.models.adapter import ModelAdapter
 from editing.objectives import memorization, solve
@@ -82,10 +83,8 @@ def get_distribution(name: str) -> EditDistribution:
 class LayerUpdate:
     layer: int
     delta: LowRankDelta
-    residual_norm: float
-    """Mean norm of the residual assigned to this layer (diagnostic)."""
     memorization: float
-    """Share of the assigned residual the update writes: ``1 − ‖Ŵ K_E − V_E‖ / ‖R‖`` (1: exact)."""
+    """Share of the assigned residual the update writes: ``1 − ‖ΔW K_E − R‖ / ‖R‖`` (1: exact)."""
     keys: torch.Tensor
     """``K_E`` as solved for (d_in × B, float32, CPU): what the edit memory adds and the ledger keeps."""
 
@@ -103,34 +102,40 @@ class LayerSolver:
     memory: EditMemory | None = None
     null_spaces: Mapping[int, torch.Tensor] | None = None
 
-    def solve(self, layer: int, weight: torch.Tensor, k_e: torch.Tensor, v_e: torch.Tensor) -> LowRankDelta:
+    def solve(self, layer: int, k_e: torch.Tensor, residual: torch.Tensor) -> LowRankDelta:
+        """``ΔW`` of ``layer`` for keys ``K_E`` (d_in×B) and residual ``R`` (d_out×B), on their device."""
         memory = self.memory.at(layer) if self.memory is not None else None
         null_space = self.null_spaces[layer] if self.null_spaces is not None else None
-        return solve(self.algorithm, weight, self.second_moments[layer], k_e, v_e, self.params, dtype=self.dtype,
-                     edit_memory=None if memory is None else memory.to(weight.device),
-                     null_space=null_space)
+        return solve(self.algorithm, self.second_moments[layer], k_e, residual, self.params, dtype=self.dtype,
+                     edit_memory=None if memory is None else memory.to(k_e.device), null_space=null_space)
 
 
-def distribute(adapter: ModelAdapter, rows: RewriteRows, targets: torch.Tensor, layers: tuple[int, ...],
+def distribute(adapter: ModelAdapter, rows: RewriteRows, z: torch.Tensor, layers: tuple[int, ...],
                distribution: EditDistribution, solver: LayerSolver,
                on_layer: Callable[[LayerUpdate, float], None] | None = None) -> list[LayerUpdate]:
-    """Spread target residuals ``targets`` (B × d, at the last layer) over ``layers``, applying
-    each layer's update to the model as it goes. ``on_layer`` is called after each layer is
-    updated, with the update and the seconds its solve+apply took (the rest is key reading)."""
+    """Spread the target residuals ``z`` (v*, B × d, at the last edit layer) over ``layers``,
+    applying each layer's update to the model before the next layer's keys are read — MEMIT's loop:
+
+    for each edit layer ``l`` (step ``t`` of ``T``): the keys ``K_E`` at ``l`` and the current output
+    ``z_cur`` at the last layer, on the model as edited so far; ``R = (z − z_cur) · share(t)``
+    (``1 / (T − t)`` for ``memit_spread``); ``ΔW = objective(C0, K_E, R)``; ``W ← W + ΔW``.
+
+    ``on_layer`` is called after each layer is updated, with the update and the seconds its solve and
+    apply took (the rest is reading keys).
+    """
     edit_layers = distribution.edit_layers(layers)
     target_layer = edit_layers[-1]
     updates = []
     for step, layer in enumerate(edit_layers):
-        keys, current = compute_keys(adapter, rows, layer, len(targets), residual_layer=target_layer)
-        residual = (targets - current) * distribution.residual_share(step, len(edit_layers))
+        keys, z_cur = compute_keys(adapter, rows, layer, len(z), residual_layer=target_layer)    # (B, d_in), (B, d)
+        residual = (z - z_cur) * distribution.residual_share(step, len(edit_layers))             # (B, d)
         started = time.perf_counter()
-        weight = adapter.weight(layer)
-        k_e = keys.T.to(weight.device, solver.dtype)
-        v_e = weight.detach().to(solver.dtype) @ k_e + residual.T.to(weight.device, solver.dtype)
-        delta = solver.solve(layer, weight, k_e, v_e)
-        achieved = memorization(weight, k_e, v_e, delta)
+        weight = adapter.weight(layer)                                                                  # (d, d_in)
+        k_e = keys.T.to(weight.device, solver.dtype)                                                    # (d_in, B)
+        r = residual.T.to(weight.device, solver.dtype)                                                  # (d, B)
+        delta = solver.solve(layer, k_e, r)
         apply_delta(weight, delta)
-        update = LayerUpdate(layer, delta, float(residual.norm(dim=1).mean()), achieved, keys.T.contiguous())
+        update = LayerUpdate(layer, delta, memorization(k_e, r, delta), keys.T.contiguous())
         updates.append(update)
         if on_layer is not None:
             on_layer(update, time.perf_counter() - started)

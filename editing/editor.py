@@ -1,6 +1,6 @@
 """The editor: one batch of facts in, low-rank updates applied to the model out.
 
-Per batch (MATH.md): target residuals ``Z`` by the v* optimisation at the last
+Per batch (docs/math.md): target residuals ``z`` by the v* optimisation at the last
 edit layer, then the edit distribution computes keys layer by layer and the
 objective solves each layer's update. Everything is computed on the *current*
 model, so sequential batches see earlier edits. If anything fails midway, the
@@ -20,7 +20,8 @@ import torch
 from editing.config import EditConfig
 from editing.distribution import LayerSolver, LayerUpdate, distribute, get_distribution
 from editing.facts import Fact
-from editing.keys_values import ValueTargets, build_rewrite_rows, compute_value_targets
+from editing.rows import build_rewrite_rows
+from editing.v_star import VStar, compute_v_star
 from editing.models.adapter import ModelAdapter
 from editing.objectives import get_objective
 from editing.prefixes import generate_prefixes
@@ -38,10 +39,11 @@ class BatchEdit:
     updates: list[LayerUpdate]
     weights_sha256: dict[int, str]
     """Hash of each edited layer after the update."""
-    values: ValueTargets
+    v_star: VStar
+    """The batch's targets ``z`` and how their optimisation went."""
     seconds: dict[str, float] = field(default_factory=dict)
-    """``keys_values`` (v* plus the keys of every layer), ``solve``, and ``v_star``: the part of
-    ``keys_values`` spent in the v* optimisation, the step that batching is meant to amortise."""
+    """Three disjoint parts: ``v_star`` (the optimisation, which batching is meant to amortise), ``keys``
+    (reading k* and the current outputs at every layer) and ``solve`` (the layers' solves and updates)."""
 
     @property
     def keys(self) -> dict[int, torch.Tensor]:
@@ -56,8 +58,8 @@ class BatchEdit:
     def diagnostics(self) -> dict[str, object]:
         """What the ledger keeps with the batch to audit the edit's quality (JSON-serialisable)."""
         return {"memorization": {str(layer): value for layer, value in self.memorization.items()},
-                "v_star_final_nll": float(self.values.final_nll.mean()),
-                "v_star_steps_max": int(self.values.steps.max())}
+                "v_star_final_nll": float(self.v_star.final_nll.mean()),
+                "v_star_steps_max": int(self.v_star.steps.max())}
 
 
 class Editor:
@@ -91,7 +93,7 @@ class Editor:
                                   memory, null_spaces)
         self.prefixes = prefixes
         self.prepare_seconds: dict[str, float] = {}
-        """Time :meth:`prepare` spent on statistics and on generating prefixes."""
+        """Time :meth:`prepare` spent on the statistics (``stats``) and on generating prefixes (``prefixes``)."""
         for layer in self.layers:
             adapter.block(layer)  # validates the layer index
 
@@ -108,7 +110,7 @@ class Editor:
         if prefixes is None:
             prefixes = generate_prefixes(adapter, config.values.n_prefixes, config.values.prefix_tokens)
         editor = cls(adapter, config, moments, prefixes, runtime, null_spaces=null_spaces)
-        editor.prepare_seconds = {"stats": stats_done - started, "keys_values": time.perf_counter() - stats_done}
+        editor.prepare_seconds = {"stats": stats_done - started, "prefixes": time.perf_counter() - stats_done}
         return editor
 
     @property
@@ -118,7 +120,7 @@ class Editor:
 
     def memory_devices(self) -> dict[int, torch.device]:
         """Where each layer's edit memory lives: with the layer's weight, where it is solved."""
-        return {layer: self.adapter.layer_device(layer) for layer in self.layers}
+        return self.adapter.layer_devices(self.layers)
 
     def remember(self, edit: BatchEdit) -> None:
         """Add an applied (and, in a run, committed) batch's keys to the edit memory, if there is one.
@@ -150,8 +152,8 @@ class Editor:
 
     def _apply(self, facts: list[Fact], on_layer: Callable[[LayerUpdate], None] | None) -> BatchEdit:
         started = time.perf_counter()
-        values = compute_value_targets(self.adapter, facts, self.layers[-1], self.prefixes, self.config.values,
-                                       autocast=self.runtime.autocast_dtype)
+        v_star = compute_v_star(self.adapter, facts, self.layers[-1], self.prefixes, self.config.values,
+                                autocast=self.runtime.autocast_dtype)
         v_star_seconds = time.perf_counter() - started
         rows = build_rewrite_rows(self.adapter, facts, self.prefixes, with_targets=False)
         solve_seconds: list[float] = []
@@ -161,12 +163,13 @@ class Editor:
             if on_layer is not None:
                 on_layer(update)
 
-        updates = distribute(self.adapter, rows, values.z, self.layers, self.distribution, self.solver,
+        updates = distribute(self.adapter, rows, v_star.z, self.layers, self.distribution, self.solver,
                              on_layer=layer_done)
         total = time.perf_counter() - started
-        seconds = {"keys_values": total - sum(solve_seconds), "solve": sum(solve_seconds), "v_star": v_star_seconds}
+        seconds = {"v_star": v_star_seconds, "keys": total - v_star_seconds - sum(solve_seconds),
+                   "solve": sum(solve_seconds)}
         log.info("edited %d facts in %.1fs (%s)", len(facts), total, seconds)
-        return BatchEdit(updates, self.adapter.weights_sha256(list(self.layers)), values, seconds)
+        return BatchEdit(updates, self.adapter.weights_sha256(list(self.layers)), v_star, seconds)
 
 
 def null_spaces_for(adapter: ModelAdapter, config: EditConfig) -> dict[int, torch.Tensor] | None:

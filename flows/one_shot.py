@@ -12,11 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from editing.config import EditConfig, hparams_key_for, load_edit_config
+from editing.config import EditConfig, hparams_key_for, layer_overrides, load_edit_config
 from editing.editor import Editor
 from editing.evaluation import counterfact_metrics
 from editing.facts import Fact, fact_from_record
 from editing.models import ModelAdapter, load_model
+from editing.objectives import get_objective
 from editing.runtime import Runtime
 
 METRIC_KEYS = ("ES", "PS", "NS", "EM", "PM", "NM", "S")
@@ -64,9 +65,7 @@ def read_facts(path: Path, limit: int | None = None) -> list[Fact]:
 def edit_config_for(adapter: ModelAdapter, request: OneShotRequest) -> EditConfig:
     overrides = dict(request.overrides)
     if request.layers is not None:
-        overrides["layers"] = list(request.layers)
-        if len(request.layers) == 1 and "distribution" not in overrides:
-            overrides["distribution"] = "single_layer"
+        overrides.update(layer_overrides(request.layers, overrides.get("distribution")))
     return load_edit_config(request.hparams or hparams_key_for(adapter.name), request.algorithm,
                             overrides)
 
@@ -80,9 +79,7 @@ def run_one_shot(request: OneShotRequest) -> dict[str, Any]:
     started = time.perf_counter()
     if request.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {request.batch_size}")
-    if request.algorithm == "rome" and request.batch_size != 1:
-        raise ValueError(f"rome edits one fact at a time (batch size 1), got --batch-size {request.batch_size}; "
-                         "use memit or emmet for batches")
+    get_objective(request.algorithm).check_batch_size(request.batch_size)
     facts = read_facts(request.facts_path, request.limit)
     request.runtime.apply_threads()
     runtime = request.runtime
@@ -90,7 +87,7 @@ def run_one_shot(request: OneShotRequest) -> dict[str, Any]:
                          **({"device_map": runtime.device_map} if runtime.device_map is not None
                             else {"device": runtime.torch_device}))
     config = edit_config_for(adapter, request)
-    seconds = {"stats": 0.0, "keys_values": 0.0, "solve": 0.0, "eval": 0.0}
+    seconds = {"stats": 0.0, "prefixes": 0.0, "v_star": 0.0, "keys": 0.0, "solve": 0.0, "eval": 0.0}
 
     tick = time.perf_counter()
     pre = counterfact_metrics(adapter, facts, batch_size=request.eval_batch_size).metrics()
@@ -103,7 +100,7 @@ def run_one_shot(request: OneShotRequest) -> dict[str, Any]:
     for start in range(0, len(facts), request.batch_size):
         batch = editor.apply(facts[start:start + request.batch_size])
         editor.remember(batch)  # later batches preserve this one's keys (AlphaEdit, ENCORE, preserve_edits)
-        for part in ("keys_values", "solve"):
+        for part in ("v_star", "keys", "solve"):
             seconds[part] += batch.seconds[part]
         for layer, value in batch.memorization.items():
             achieved.setdefault(layer, []).append(value)

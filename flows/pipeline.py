@@ -4,11 +4,15 @@
 each batch is claimed, edited into the loaded model, and committed (deltas,
 hashes, statuses, checkpoint) in one database transaction; every
 ``eval_every`` batches the model is evaluated, every metric is recorded, and
-the collapse policy is applied. The apply and the commit run inside a Prefect
-transaction whose ``on_rollback`` hook restores the edited layers if the commit
-fails, so the model in memory never runs ahead of the ledger. A crash anywhere
-is recovered by opening the run again (``run_id=``): the weights are rebuilt
-from the ledger and an uncommitted batch is redone with the same facts.
+the collapse policy is applied. If the commit fails (after its retries), the
+edited layers are put back as they were before the batch, so the model in
+memory never runs ahead of the ledger. (This was a Prefect transaction's
+``on_rollback`` hook; Prefect runs such hooks at a task's *first* failed
+attempt, before its retries, on a deep copy of what the transaction holds —
+which a loaded model is not — so the hook failed and nothing was restored; the
+restore is now explicit.) A crash anywhere is recovered by opening the run
+again (``run_id=``): the weights are rebuilt from the ledger, and a batch that
+was claimed but not committed is given back or redone.
 
 Retries: claiming (atomic, and a retry first looks for the batch it may have
 claimed) and recording are retried; editing is not (it is deterministic, and
@@ -25,7 +29,6 @@ from typing import Any
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
-from prefect.transactions import Transaction, transaction
 from tqdm.auto import tqdm
 
 from db.engine import make_engine
@@ -75,16 +78,11 @@ def claim_batch(writer: RunWriter, size: int) -> ClaimedBatch | None:
 
 @task(name="apply-edit", **NOT_PERSISTED)
 def apply_edit(context: RunContext, batch: ClaimedBatch) -> BatchEdit:
+    """Edit the batch into the model (all layers or, on an error, none: :meth:`Editor.apply`)."""
     edit = context.editor.apply(list(batch.facts),
                                 on_layer=lambda update: failpoint("during_solve", batch.seq))
     failpoint("before_commit", batch.seq)
     return edit
-
-
-@apply_edit.on_rollback
-def _restore_layers(txn: Transaction) -> None:
-    """The commit failed: put the edited layers back as they were before this batch."""
-    txn.get("context").adapter.restore(txn.get("before"))
 
 
 @task(name="commit-batch", retries=2, retry_delay_seconds=2, **NOT_PERSISTED)
@@ -118,14 +116,17 @@ def record_metrics(context: RunContext, seq: int, metrics: dict[str, float], sec
 
 # -- the editing loop ----------------------------------------------------------------------
 def _edit_one_batch(context: RunContext, writer: RunWriter, batch: ClaimedBatch) -> BatchEdit:
+    """Apply, then commit; a commit that fails for good puts the edited layers back before it re-raises."""
     started = time.perf_counter()
-    with transaction() as txn:
-        txn.set("context", context)
-        txn.set("before", context.adapter.snapshot(list(context.run.layers)))
-        edit = apply_edit(context, batch)
-        seconds = {**edit.seconds, "edit": time.perf_counter() - started}
-        commit_started = time.perf_counter()
+    before = context.adapter.snapshot(list(context.run.layers))
+    edit = apply_edit(context, batch)
+    seconds = {**edit.seconds, "edit": time.perf_counter() - started}
+    commit_started = time.perf_counter()
+    try:
         commit_batch(context, writer, batch, edit, seconds)
+    except BaseException:
+        context.adapter.restore(before)
+        raise
     context.seq = batch.seq
     context.editor.remember(edit)  # only once the ledger holds the batch
     seconds["commit"] = time.perf_counter() - commit_started
@@ -240,7 +241,7 @@ def _edit_loop(context: RunContext, writer: RunWriter) -> str:
                 break
             edit = _edit_one_batch(context, writer, batch)
             progress.update(len(batch.facts))
-            progress.set_postfix(batch=batch.seq, v_nll=f"{float(edit.values.final_nll.mean()):.3f}")
+            progress.set_postfix(batch=batch.seq, v_nll=f"{float(edit.v_star.final_nll.mean()):.3f}")
             last = _remaining(context) == 0 or pending_count(context.engine, context.run.id) == 0
             alarms, evaluated = _check_batch(context, batch, edit, baseline, background, last)
             evaluated_seq = batch.seq if evaluated else evaluated_seq
@@ -323,6 +324,7 @@ def sequential_edit(settings: dict[str, Any] | None = None, run_id: int | None =
     with ExitStack() as stack:
         if run_id is None:
             run_settings = RunSettings.from_dict(settings or {})
+            run_settings.edit_config()  # the edit overrides' keys and types, before the model loads
             check_something_to_edit(engine, run_settings)
             context = create_run_context(engine, run_settings)
             writer = stack.enter_context(acquire_writer(engine, context.run.id))

@@ -35,7 +35,7 @@ from flows.settings import RunSettings
 log = logging.getLogger(__name__)
 
 
-class RunStateError(RuntimeError):
+class RunStateError(ValueError):
     """The loaded model is not the model this run edits."""
 
 
@@ -71,7 +71,7 @@ class RunContext:
         """The health check of the model as it is now (after ``edit``; None: the baseline)."""
         probe = HealthProbe(data_dir=self.settings.evaluation_config().data_dir)
         deltas = {update.layer: update.delta for update in edit.updates} if edit is not None else None
-        return health_metrics(self.adapter, self.original, probe, deltas, edit.values if edit is not None else None)
+        return health_metrics(self.adapter, self.original, probe, deltas, edit.v_star if edit is not None else None)
 
     def retention_facts(self, seq: int) -> list[Fact]:
         """The earlier edits retention checks at point ``seq``: facts of the batches *before* ``seq``
@@ -130,8 +130,7 @@ def open_run_context(engine: Engine, run_id: int, at_seq: int | None = None) -> 
     check_run_model(run, adapter, RunStateError)
     seq = last_applied_seq(engine, run_id) if at_seq is None else at_seq
     session.load_state(weights_at(engine, run_id, seq))
-    devices = {layer: adapter.layer_device(layer) for layer in run.layers}
-    memory = (edit_memory_at(engine, run_id, seq, devices)
+    memory = (edit_memory_at(engine, run_id, seq, adapter.layer_devices(run.layers))
               if get_objective(config.algorithm).uses_edit_memory(config.objective) else None)
     editor = Editor(adapter, config, second_moments(adapter, list(run.layers), config.stats),
                     tuple(stored["prefixes"]), settings.runtime, memory=memory,

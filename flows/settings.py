@@ -19,6 +19,7 @@ from editing.config import EditConfig, hparams_key_for, load_edit_config
 from editing.data import Sample
 from editing.evaluation import EvaluationConfig
 from editing.models.loading import DEFAULT_MODEL
+from editing.objectives import get_objective
 from editing.runtime import Runtime
 from editing.typecheck import checked_fields
 from flows.collapse import CollapsePolicy
@@ -85,8 +86,7 @@ class RunSettings:
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
-        if self.algorithm == "rome" and self.batch_size != 1:
-            raise ValueError(f"rome edits one fact per batch; got batch_size {self.batch_size}")
+        get_objective(self.algorithm).check_batch_size(self.batch_size)
         if self.eval_every < 0 or self.checkpoint_every < 1:
             raise ValueError("eval_every must be >= 0 and checkpoint_every >= 1")
         if self.eval_mode not in ("inline", "async"):
@@ -103,7 +103,6 @@ class RunSettings:
         self.evaluation_config()  # validates the overrides
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be at least 1 (a run edits something), got {self.limit}")
-        self.edit_config()  # validates the edit overrides: keys and types, before a run or a model exists
 
     def evaluation_config(self) -> EvaluationConfig:
         values = {**EVALUATION_PROFILES[self.evaluation_profile], **self.evaluation_overrides}
@@ -111,21 +110,24 @@ class RunSettings:
 
     def edit_config(self, model_name: str | None = None) -> EditConfig:
         """The edit configuration: the hparams file's defaults and algorithm section, then ``edit_overrides``
-        (see :func:`editing.config.load_edit_config`). ``model_name`` (default: the settings' model) picks the
-        hparams file when ``hparams`` is not set."""
+        (see :func:`editing.config.load_edit_config`); every override's key and type is checked here, which is
+        how a new run's settings are validated before anything starts. ``model_name`` (default: the
+        settings' model) picks the hparams file when ``hparams`` is not set. (A recorded run keeps the
+        configuration it resolved, ``runs.hyperparameters["edit"]``: use that for an existing run.)"""
         name = model_name or self.model or DEFAULT_MODEL
         return load_edit_config(self.hparams or hparams_key_for(name), self.algorithm, self.edit_overrides)
 
-    def required_datasets(self) -> list[tuple[str, Sample | None]]:
-        """Every named dataset the run reads, with the sample it reads of each: the C0 text, the perplexity
-        corpora, the downstream tasks and the health check's probe — so a command can resolve them all
-        (mirror → bundle → hub, downloading once where it must) before it starts anything."""
+    def required_datasets(self, edit: EditConfig | None = None) -> list[tuple[str, Sample | None]]:
+        """Every named dataset the run reads, with the sample it reads of each: the C0 text (of ``edit``,
+        default :meth:`edit_config`), the perplexity corpora, the downstream tasks and the health check's
+        probe — so a command can resolve them all (mirror → bundle → hub, downloading once where it must)
+        before it starts anything."""
         from editing.corpus import TEXT_CORPORA
         from editing.evaluation import TASKS
         from editing.evaluation.health import PROBE_CORPUS, HealthProbe
         from editing.stats import SAMPLE_SEED
 
-        stats = self.edit_config().stats
+        stats = (edit or self.edit_config()).stats
         needed: list[tuple[str, Sample | None]] = []
         if stats.corpus in TEXT_CORPORA:
             needed.append((stats.corpus, Sample(stats.n_samples, SAMPLE_SEED)))

@@ -48,7 +48,7 @@ class HealthProbe:
 def health_metrics(adapter: ModelAdapter, original_weights: Mapping[int, torch.Tensor], probe: HealthProbe,
                    batch_deltas: Mapping[int, object] | None = None, v_star: object | None = None) -> dict[str, float]:
     """The health numbers of the model as it is now; ``batch_deltas`` (layer → LowRankDelta) and ``v_star``
-    (ValueTargets) describe the batch just applied (None at the baseline, before any batch)."""
+    (:class:`editing.v_star.VStar`) describe the batch just applied (None at the baseline, before any batch)."""
     metrics: dict[str, float] = {"ppl.probe": perplexity(adapter, probe.texts(), probe.max_tokens)}
     for layer, norms in layer_norms(adapter, original_weights).items():
         original = float(torch.linalg.matrix_norm(original_weights[layer].double()))

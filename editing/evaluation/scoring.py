@@ -32,7 +32,6 @@ import torch
 
 from editing.models.adapter import ModelAdapter
 from editing.tokens import encode_prompt, encode_target, pad_right
-from editing.tracing import hidden_states, log_probs_at
 
 LOGIT_BUDGET = 1 << 24
 """Most logits (positions × vocabulary) materialised at once: 64 MiB of float32."""
@@ -188,3 +187,22 @@ def score_targets(adapter: ModelAdapter, pairs: Sequence[tuple[str, str]], batch
         greedy=torch.tensor([bool(s.argmax.all()) for s in scores], dtype=torch.bool),
         n_tokens=torch.tensor([len(s.nll) for s in scores], dtype=torch.long),
     )
+
+
+# -- the LM head, applied only where logits are needed --------------------------------------------------------
+
+def hidden_states(adapter: ModelAdapter, batch: PaddedBatch) -> torch.Tensor:
+    """Final (normed) hidden states of every token; the LM head is applied by the caller
+    only where logits are needed (the vocabulary projection dominates small models' cost)."""
+    on_device = batch.to(adapter.device)
+    output = adapter.model.base_model(input_ids=on_device.input_ids, attention_mask=on_device.attention_mask,
+                                      use_cache=False)
+    return output.last_hidden_state
+
+
+def log_probs_at(adapter: ModelAdapter, hidden: torch.Tensor, rows: torch.Tensor,
+                 positions: torch.Tensor) -> torch.Tensor:
+    """Log-softmax over the vocabulary of the logits at ``(rows[i], positions[i])``."""
+    selected = hidden[rows.to(hidden.device), positions.to(hidden.device)]
+    logits = adapter.model.get_output_embeddings()(selected).float()
+    return torch.log_softmax(logits, dim=-1)

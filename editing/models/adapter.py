@@ -13,7 +13,7 @@ import hashlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -133,6 +133,10 @@ class ModelAdapter:
         duration of a forward pass): such a layer cannot be edited (:meth:`offloaded_layers`).
         """
         return self.edited_module(layer).weight.device
+
+    def layer_devices(self, layers: Sequence[int]) -> dict[int, torch.device]:
+        """:meth:`layer_device` of each of ``layers``: where each layer's solve, edit memory and update live."""
+        return {layer: self.layer_device(layer) for layer in layers}
 
     def execution_device(self, layer: int) -> torch.device:
         """The device ``layer``'s edited module computes on (its keys arrive there): the matrix's own

@@ -1,9 +1,9 @@
 """The preservation–memorization problem and the interface every objective implements.
 
-One layer, one batch (MATH.md): keep ``Ŵ K0 ≈ W0 K0`` for the preserved keys,
-summarised by their second moment ``C0``, while making ``Ŵ K_E`` equal (or
-close) to ``V_E``. Objectives differ only in how they trade the two off; each
-returns ``ΔW = U Vᵀ`` as factors with ``U = R = V_E − W0 K_E``.
+One layer, one batch (docs/math.md, "The objectives"): keep ``Ŵ K0 ≈ W0 K0`` for the
+preserved keys, summarised by their second moment ``C0``, while making ``Ŵ K_E``
+equal (or close) to ``V_E = W0 K_E + R``. Objectives differ only in how they trade
+the two off; each returns ``ΔW = U Vᵀ`` as factors with ``U = R``.
 """
 
 from __future__ import annotations
@@ -27,39 +27,21 @@ and float rounding can push its smallest eigenvalues just below zero."""
 
 @dataclass(frozen=True)
 class EditProblem:
-    """One layer's problem, in float64: ``W0`` (d_out×d_in), ``C0`` (d_in×d_in), ``K_E`` (d_in×B), ``V_E`` (d_out×B),
-    and, for the objectives that use them, the run's edit memory ``S`` (d_in×d_in; None: no earlier edit) and
-    the basis ``Û`` (d_in×k) of ``C0``'s null space."""
+    """One layer's problem, in float64: ``C0`` (d_in×d_in), the keys ``K_E`` (d_in×B) and the residual
+    ``R = V_E − W0 K_E`` (d_out×B) the update must write for them, and, for the objectives that use them,
+    the run's edit memory ``S`` (d_in×d_in; None: no earlier edit) and the basis ``Û`` (d_in×k) of ``C0``'s
+    null space. The weights themselves never enter: every objective's ``ΔW`` depends on ``W0`` only
+    through ``R`` (docs/math.md, "The objectives")."""
 
-    w0: torch.Tensor
     c0: torch.Tensor
     k_e: torch.Tensor
-    v_e: torch.Tensor
+    residual: torch.Tensor
     edit_memory: torch.Tensor | None = None
     null_space: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
         return self.k_e.shape[1]
-
-    @property
-    def residual(self) -> torch.Tensor:
-        """``R = V_E − W0 K_E``: what the layer must add for the edited keys."""
-        return self.v_e - self.w0 @ self.k_e
-
-    def memorization(self, delta: LowRankDelta) -> float:
-        """``1 − ‖Ŵ K_E − V_E‖ / ‖R‖``: the share of the residual the update actually writes.
-
-        1 for an exact (equality-constrained) edit, less for a least-squares or
-        ridge-regularised one; the diagnostic that shows, e.g., EMMET's ridge λ_E
-        outweighing its constraints. ``Ŵ K_E − V_E = U (Vᵀ K_E) − R``.
-        """
-        residual = self.residual
-        scale = torch.linalg.norm(residual)
-        if scale == 0:
-            return 1.0
-        miss = delta.u.to(residual) @ (delta.v.to(residual).T @ self.k_e) - residual
-        return float(1 - torch.linalg.norm(miss) / scale)
 
     def preservation(self, params: ObjectiveParams, with_edits: bool = False) -> torch.Tensor:
         """``C = λ C0 + μ I (+ S)``: the weighted preserved-key moment, its norm ridge and, ``with_edits``,
@@ -69,6 +51,17 @@ class EditProblem:
         if with_edits and self.edit_memory is not None:
             c = c + self.edit_memory
         return c
+
+
+def memorization(k_e: torch.Tensor, residual: torch.Tensor, delta: LowRankDelta) -> float:
+    """``1 − ‖ΔW K_E − R‖ / ‖R‖``: the share of the residual an update actually writes (``Ŵ K_E − V_E`` is
+    ``ΔW K_E − R``). 1 for an exact (equality-constrained) edit, less for a least-squares or ridge-relaxed
+    one — the diagnostic that shows, e.g., EMMET's λ_E outweighing its constraints."""
+    scale = torch.linalg.norm(residual)
+    if scale == 0:
+        return 1.0
+    miss = delta.u.to(residual) @ (delta.v.to(residual).T @ k_e.to(residual)) - residual
+    return float(1 - torch.linalg.norm(miss) / scale)
 
 
 class Objective(ABC):

@@ -82,11 +82,22 @@ def check_writer_free(engine, run_id: int) -> None:
         pass
 
 
-def check_datasets(settings) -> None:
-    """Resolve every dataset a run with ``settings`` reads (:meth:`flows.settings.RunSettings.required_datasets`)
-    before anything starts: a missing one is one line (:class:`editing.data.DataUnavailable`) instead of a
-    failure minutes into the run, and a hub copy is downloaded once, here."""
+def check_datasets(settings, edit=None) -> None:
+    """Resolve every dataset a run with ``settings`` (and edit configuration ``edit``) reads
+    (:meth:`flows.settings.RunSettings.required_datasets`) before anything starts: a missing one is one line
+    (:class:`editing.data.DataUnavailable`) instead of a failure minutes into the run, and a hub copy is
+    downloaded once, here."""
     from editing.data import resolve
 
-    for name, sample in settings.required_datasets():
+    for name, sample in settings.required_datasets(edit):
         resolve(name, sample)
+
+
+def check_run_datasets(run) -> None:
+    """:func:`check_datasets` for a recorded run (``db.runs.RunInfo``), with the configuration it recorded."""
+    from editing.config import EditConfig
+    from flows.settings import RunSettings
+
+    stored = run.spec.hyperparameters
+    if "settings" in stored and "edit" in stored:
+        check_datasets(RunSettings.from_dict(stored["settings"]), EditConfig.from_dict(stored["edit"]))

@@ -20,17 +20,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def handle(args: argparse.Namespace) -> int:
     from db.replay import last_applied_seq
     from db.runs import get_run
-    from flows.commands.common import check_datasets, open_ledger
-    from flows.settings import RunSettings
+    from flows.commands.common import check_run_datasets, open_ledger
     from flows.pipeline import evaluate_run
 
     engine = open_ledger(args.db)
     last = last_applied_seq(engine, args.run)  # an unknown run is refused here
     if args.seq is not None and not 0 <= args.seq <= last:
         raise ValueError(f"--seq {args.seq}: run {args.run} has applied batches 0-{last}")
-    stored = get_run(engine, args.run).spec.hyperparameters.get("settings")
-    if stored is not None:
-        check_datasets(RunSettings.from_dict(stored))
+    check_run_datasets(get_run(engine, args.run))
     metrics = evaluate_run(run_id=args.run, seq=args.seq, db_url=args.db)
     if args.json:
         print(json.dumps(metrics))

@@ -76,6 +76,7 @@ def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """
     import yaml
 
+    from editing.config import flatten, layer_overrides
     from flows.settings import RunSettings
 
     data: dict[str, Any] = (yaml.safe_load(args.config.read_text()) or {}) if args.config else {}
@@ -85,12 +86,13 @@ def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
     for name in args.run_options:
         if name in fields and getattr(args, name) is not None:
             data[name] = getattr(args, name)
-    edit = dict(data.get("edit_overrides", {}), **dict(args.edit_set))
+    for nested in ("edit_overrides", "evaluation_overrides", "collapse", "runtime"):
+        if not isinstance(data.get(nested, {}), dict):
+            raise ValueError(f"{nested}: expected a mapping, got {data[nested]!r} (--config {args.config})")
+    edit = {**flatten(data.get("edit_overrides", {})), **dict(args.edit_set)}  # --set wins (editing.config)
     if args.layers is not None:
-        edit["layers"] = list(args.layers)
-        if len(args.layers) == 1 and args.distribution is None:
-            edit["distribution"] = "single_layer"
-    if args.distribution is not None:
+        edit.update(layer_overrides(args.layers, args.distribution))
+    elif args.distribution is not None:
         edit["distribution"] = args.distribution
     data["edit_overrides"] = edit
     data["evaluation_overrides"] = dict(data.get("evaluation_overrides", {}), **dict(args.eval_set))
@@ -134,7 +136,7 @@ def handle(args: argparse.Namespace) -> int:
     import sys
 
     from db.runs import get_run
-    from flows.commands.common import check_datasets, check_writer_free, open_ledger
+    from flows.commands.common import check_datasets, check_run_datasets, check_writer_free, open_ledger
     from flows.pipeline import NothingToEdit, check_something_to_edit, sequential_edit
     from flows.settings import RunSettings
 
@@ -144,20 +146,20 @@ def handle(args: argparse.Namespace) -> int:
         if ignored:
             raise ValueError(f"--resume continues run {args.resume} with the settings it was created with; "
                              f"leave out {', '.join(ignored)}")
-        stored = get_run(engine, args.resume).spec.hyperparameters.get("settings")
+        run = get_run(engine, args.resume)
         check_writer_free(engine, args.resume)
-        if stored is not None:
-            check_datasets(RunSettings.from_dict(stored))
+        check_run_datasets(run)
         outcome = sequential_edit(run_id=args.resume, db_url=args.db)
     else:
         settings = RunSettings.from_dict(settings_from_args(args))  # keys and types, before Prefect starts
-        check_layers(settings)
-        check_datasets(settings)
+        settings.edit_config()  # the edit overrides' keys and types
         try:
             check_something_to_edit(engine, settings)
         except NothingToEdit as nothing:
             print(f"seqedit run: {nothing}", file=sys.stderr)
             return 1
+        check_layers(settings)
+        check_datasets(settings)
         outcome = sequential_edit(settings=settings.to_dict(), db_url=args.db)
     if args.json:
         print(json.dumps(outcome))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from db.errors import BatchStateError
-from db.evaluations import Metric, record_alarm, record_evaluation
+from db.evaluations import AlarmRow, Metric, record_evaluation
 from db.history import alarms_frame, batches_frame, edits_for_subject, metrics_frame, runs_frame
 from db.ledger import acquire_writer
 from fixtures.database import add_facts, apply_and_commit, new_run, random_weights
@@ -27,11 +27,11 @@ def run_with_history(database):
         for seq in range(1, 5):
             apply_and_commit(writer, writer.claim_batch(), weights, generator, timings={"solve": 0.5})
             if seq % 2 == 0:
-                evaluation = record_evaluation(database.engine, run.id, seq, [
+                alarms = [AlarmRow(rule="ppl_ratio", metric="ppl", value=80.0, baseline=20.0, threshold=3.0,
+                                   action="rollback", message="perplexity quadrupled")] if seq == 4 else []
+                record_evaluation(database.engine, run.id, seq, [
                     Metric("es", seq / 4, "edited"), Metric("ppl", 20.0 * seq, "heldout"),
-                    Metric("nm", math.nan, "neighborhood")])
-        record_alarm(database.engine, run.id, 4, rule="ppl_ratio", metric="ppl", value=80.0, baseline=20.0,
-                     threshold=3.0, action="rollback", message="perplexity quadrupled", evaluation_id=evaluation)
+                    Metric("nm", math.nan, "neighborhood")], alarms=alarms)
         writer.rollback(2, reason="collapse")
     return database, run
 
@@ -74,8 +74,9 @@ def test_evaluations_need_an_applied_point(run_with_history):
     with pytest.raises(BatchStateError, match="no applied batch 3"):
         record_evaluation(database.engine, run.id, 3, [("es", 1.0, "edited")])
     with pytest.raises(BatchStateError):
-        record_alarm(database.engine, run.id, 9, rule="r", metric="m", value=1.0, baseline=0.0, threshold=0.5,
-                     action="stop", message="")
+        record_evaluation(database.engine, run.id, 9, [], alarms=[AlarmRow(rule="r", metric="m", value=1.0,
+                                                                         baseline=0.0, threshold=0.5,
+                                                                         action="stop", message="")])
 
 
 def test_edits_for_a_subject_across_runs(run_with_history):

@@ -16,7 +16,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, GPTJConfig, GPTJForCausalL
 from editing.config import EditConfig, ObjectiveParams, StatsParams, ValueParams
 from editing.editor import Editor
 from editing.facts import fact_from_record
-from editing.keys_values import build_rewrite_rows
+from editing.rows import build_rewrite_rows
 from editing.models import ModelAdapter
 from editing.stats import second_moments
 from fixtures.data import counterfact_records, dataset_path
@@ -77,7 +77,7 @@ def test_an_exact_edit_writes_its_targets_on_its_own_tokenizer(byte_level_tokeni
                         values=ValueParams(lr=0.5, steps=8, loss_threshold=0.0, n_prefixes=0))
     originals = adapter.snapshot(list(layers))
     edit = Editor(adapter, config, moments, ("",)).apply(facts)
-    assert torch.all(edit.values.final_nll < edit.values.initial_nll)
+    assert torch.all(edit.v_star.final_nll < edit.v_star.initial_nll)
     for index, fact in enumerate(facts):
         encoding = byte_level_tokenizer(fact.rewrite_prompt, return_offsets_mapping=True)
         end = fact.subject_span[1]
@@ -85,7 +85,7 @@ def test_an_exact_edit_writes_its_targets_on_its_own_tokenizer(byte_level_tokeni
         with torch.no_grad():
             hidden = adapter.model(torch.tensor([encoding["input_ids"]]), output_hidden_states=True).hidden_states
         reached = hidden[layers[-1] + 1][0, position]  # hidden_states[l + 1] is block l's output
-        error = torch.linalg.norm(reached - edit.values.z[index]) / torch.linalg.norm(edit.values.z[index])
+        error = torch.linalg.norm(reached - edit.v_star.z[index]) / torch.linalg.norm(edit.v_star.z[index])
         assert error < 1e-4, (fact.subject, float(error))
     for update in edit.updates:
         assert update.memorization == pytest.approx(1.0, abs=1e-5)

@@ -134,9 +134,9 @@ def test_edits_are_those_of_the_plain_model(plain, dispatched, facts, algorithm)
         second = editor.apply(facts[2:])
         edits[name] = (first, second, {layer: adapter.weight(layer).detach().clone() for layer in EDITED})
     for expected, edit in zip(edits["plain"][:2], edits["dispatched"][:2]):
-        torch.testing.assert_close(edit.values.z, expected.values.z, rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(edit.values.final_nll, expected.values.final_nll, rtol=1e-6, atol=1e-6)
-        assert torch.equal(edit.values.steps, expected.values.steps)
+        torch.testing.assert_close(edit.v_star.z, expected.v_star.z, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(edit.v_star.final_nll, expected.v_star.final_nll, rtol=1e-6, atol=1e-6)
+        assert torch.equal(edit.v_star.steps, expected.v_star.steps)
         for update, reference in zip(edit.updates, expected.updates):
             torch.testing.assert_close(update.keys, reference.keys, rtol=1e-6, atol=1e-6)
             assert update.memorization == pytest.approx(reference.memorization, abs=1e-6)

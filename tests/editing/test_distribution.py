@@ -66,10 +66,10 @@ def test_unknown_distributions_and_layer_counts_are_rejected():
         get_distribution("single_layer").edit_layers((3, 4))
 
 
-# -- MATH.md's edit distribution, checked against the model itself and a loop written here ------------------
+# -- docs/math.md's edit distribution, checked against the model itself and a loop written here ------------------
 from editing.config import ObjectiveParams  # noqa: E402
 from editing.distribution import LayerSolver, distribute  # noqa: E402
-from editing.keys_values import build_rewrite_rows  # noqa: E402
+from editing.rows import build_rewrite_rows  # noqa: E402
 
 SPREAD_LAYERS = (1, 2, 3)
 EXACT_EMMET = ObjectiveParams(mom2_update_weight=1.0, update_norm_lambda=0.0, emmet_lambda=0.0)
@@ -120,7 +120,7 @@ def test_spread_emmet_on_bare_prompts_reaches_the_targets_at_the_last_layer(tiny
 
 
 def test_the_shares_apply_to_residuals_re_read_after_each_layer(tiny_model, facts):
-    """MATH.md's loop, written here with dense EMMET: keys and current outputs are read again after every
+    """docs/math.md's loop, written here with dense EMMET: keys and current outputs are read again after every
     layer's update. The same loop with everything read once up front gives other weights, so this test
     tells the two apart."""
     adapter, moments, targets = _spread_setup(tiny_model, facts)

@@ -139,4 +139,4 @@ def test_rome_refuses_batches(tmp_path, capsys):
     path = tmp_path / "facts.json"
     path.write_text(json.dumps([_full_record(1)]))
     assert main(["edit", "--facts", str(path), "--algo", "rome", "--batch-size", "4"]) == 2
-    assert "rome edits one fact at a time" in capsys.readouterr().err
+    assert "rome edits at most 1 fact(s) at a time" in capsys.readouterr().err

@@ -98,7 +98,9 @@ def test_corpora_of_every_kind_open(tmp_path, corpus_file):
     datasets.Dataset.from_dict({"text": TEXTS}).save_to_disk(str(folder))
     opened = [open_corpus(str(corpus_file)), open_corpus(str(jsonl)), open_corpus(str(folder))]
     assert [c.texts for c in opened] == [TEXTS] * 3
-    assert len({c.fingerprint for c in opened}) == 3
-    assert len(open_corpus("wikipedia-leads").texts) > 9000
+    assert len({c.fingerprint for c in opened}) == 1  # the fingerprint is of the texts, not of their file
+    assert open_corpus(str(jsonl), 3, 0).fingerprint != opened[0].fingerprint  # a sample is other texts
+    sampled = open_corpus("wikipedia-leads", 2000, 0)  # what C0 reads by default: the mirror or the bundle
+    assert len(sampled.texts) == 2000 and sampled.origin in ("mirror", "bundle")
     with pytest.raises(FileNotFoundError, match="not a known name"):
         open_corpus("no-such-corpus-anywhere")

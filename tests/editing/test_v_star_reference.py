@@ -1,8 +1,8 @@
-"""The batched v* engine against a per-fact v* written plainly from MATH.md, on SmolLM2.
+"""The batched v* engine against a per-fact v* written plainly from docs/math.md, on SmolLM2.
 
-The reference below shares nothing with ``editing/keys_values.py``: it is one
+The reference below shares nothing with ``editing/v_star.py``: it is one
 fact at a time, one prompt per forward pass, with its own tokenisation and its
-own hook on the raw Hugging Face modules. It follows MATH.md ("Computing k* and
+own hook on the raw Hugging Face modules. It follows docs/math.md ("Computing k* and
 v*") literally: δ is added at the last subject token — to the MLP output for
 ROME (``norm_anchor: mlp_output``), to the block output for MEMIT/EMMET
 (``residual``) —, the loss is the mean target NLL over the prompts plus
@@ -24,7 +24,7 @@ import torch
 
 from editing.config import ValueParams
 from editing.facts import Fact, fact_from_record
-from editing.keys_values import compute_value_targets
+from editing.v_star import compute_v_star
 from fixtures.data import counterfact_records
 
 LAYER = 6
@@ -42,7 +42,7 @@ def _last_subject_token(tokenizer, text: str, subject_end: int) -> tuple[list[in
 
 
 def plain_v_star(adapter, fact: Fact, layer: int, params: ValueParams) -> torch.Tensor:
-    """``z = h + δ`` for one fact, by the procedure of MATH.md, one prompt per forward pass of the whole
+    """``z = h + δ`` for one fact, by the procedure of docs/math.md, one prompt per forward pass of the whole
     model (GPT-2, GPT-J and Llama blocks all call their MLP ``mlp``)."""
     model, tokenizer = adapter.model, adapter.tokenizer
     block = adapter.blocks[layer]
@@ -119,7 +119,7 @@ def test_upper_layer_v_star_equals_full_model_passes_for_every_family(tiny_model
     """The engine runs only the blocks above the edit layer; the reference runs the whole model each time."""
     adapter = tiny_model(family, n_layers=4)
     params = replace(PARAMS, steps=5, clamp_norm_factor=2.0)
-    engine = compute_value_targets(adapter, three_facts, 1, PREFIXES, params, rows_per_chunk=4)
+    engine = compute_v_star(adapter, three_facts, 1, PREFIXES, params, rows_per_chunk=4)
     for parameter in adapter.model.parameters():
         parameter.requires_grad_(False)
     for index, fact in enumerate(three_facts):
@@ -137,7 +137,7 @@ def test_batched_v_star_equals_the_plain_per_fact_procedure_for_both_anchors(smo
     targets = {}
     for anchor in ("residual", "mlp_output"):
         params = replace(PARAMS, norm_anchor=anchor)
-        engine = compute_value_targets(smollm2, three_facts, LAYER, PREFIXES, params)
+        engine = compute_v_star(smollm2, three_facts, LAYER, PREFIXES, params)
         for index, fact in enumerate(three_facts):
             expected = plain_v_star(smollm2, fact, LAYER, params)
             error = torch.linalg.norm(engine.z[index] - expected) / torch.linalg.norm(expected)

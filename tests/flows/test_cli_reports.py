@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from db.evaluations import record_alarm, record_evaluation
+from db.evaluations import AlarmRow, record_evaluation
 from db.ledger import acquire_writer
 from flows.cli import main
 from flows.reporting import first_alarms
@@ -25,13 +25,13 @@ def recorded_run(database):
     generator = torch.Generator().manual_seed(0)
     with acquire_writer(engine, run.id) as writer:
         for _ in range(4):
-            apply_and_commit(writer, writer.claim_batch(), weights, generator, timings={"keys_values": 1.5})
+            apply_and_commit(writer, writer.claim_batch(), weights, generator, timings={"keys": 1.5})
+    alarm = AlarmRow(rule="ppl.*:ratio:1.2", metric="ppl.wiki", value=14.0, baseline=10.0, threshold=1.2,
+                     action="warn", message="ppl.wiki = 14")
     for seq in (0, 2, 4):
-        evaluation = record_evaluation(engine, run.id, seq, [("es", 0.1 * seq), ("ppl.wiki", 10.0 + seq),
-                                                             ("acc.sst2", 0.8 - 0.05 * seq),
-                                                             ("norm.dw.1", float(seq))], duration_s=2.0)
-    record_alarm(engine, run.id, 4, rule="ppl.*:ratio:1.2", metric="ppl.wiki", value=14.0, baseline=10.0,
-                 threshold=1.2, action="warn", message="ppl.wiki = 14", evaluation_id=evaluation)
+        record_evaluation(engine, run.id, seq, [("es", 0.1 * seq), ("ppl.wiki", 10.0 + seq),
+                                                ("acc.sst2", 0.8 - 0.05 * seq), ("norm.dw.1", float(seq))],
+                          duration_s=2.0, alarms=[alarm] if seq == 4 else [])
     with acquire_writer(engine, run.id) as writer:
         writer.rollback(3)
     return database, run.id
@@ -47,7 +47,7 @@ def test_history_lists_runs_batches_metrics_and_subject_edits(recorded_run, caps
     batches = json.loads(capsys.readouterr().out)
     assert [(row["seq"], row["status"]) for row in batches] == [(1, "applied"), (2, "applied"), (3, "applied"),
                                                                (4, "rolled_back")]
-    assert batches[0]["seconds_keys_values"] == 1.5
+    assert batches[0]["seconds_keys"] == 1.5
 
     assert main(["history", "--db", database.url, "--run", str(run_id), "--metrics", "--json"]) == 0
     metrics = json.loads(capsys.readouterr().out)
@@ -82,7 +82,7 @@ def test_report_writes_a_plot_and_a_markdown_summary(recorded_run, tmp_path, cap
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
     summary = (tmp_path / f"run-{run_id}-summary.md").read_text()
     assert "| seq | n_edits | es |" in summary and "Collapse alarms" in summary
-    assert "Rolled back: batches [4]" in summary and "keys_values" in summary
+    assert "Rolled back: batches [4]" in summary and "keys" in summary
 
 
 def test_serve_builds_a_cron_deployment_that_resumes_the_run(tmp_path):
@@ -105,10 +105,11 @@ def test_report_compares_runs_on_shared_axes_with_their_first_alarms(recorded_ru
     with acquire_writer(engine, second.id) as writer:
         for _ in range(2):
             apply_and_commit(writer, writer.claim_batch(), weights, generator)
+    alarm = AlarmRow(rule="ppl.*:ratio:1.2", metric="ppl.probe", value=15.0, baseline=10.0, threshold=1.2,
+                     action="warn", message="ppl.probe = 15")
     for seq in (0, 1, 2):
-        record_evaluation(engine, second.id, seq, [("es", 0.9), ("ppl.probe", 10.0 + 5 * seq)], kind="health")
-    record_alarm(engine, second.id, 1, rule="ppl.*:ratio:1.2", metric="ppl.probe", value=15.0, baseline=10.0,
-                 threshold=1.2, action="warn", message="ppl.probe = 15")
+        record_evaluation(engine, second.id, seq, [("es", 0.9), ("ppl.probe", 10.0 + 5 * seq)], kind="health",
+                          alarms=[alarm] if seq == 1 else [])
     out = tmp_path / "compare"
     assert main(["report", "--db", database.url, "--run", str(first), "--run", str(second.id),
                  "--out", str(out)]) == 0

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from db.evaluations import record_alarm, record_evaluation
+from db.evaluations import AlarmRow, record_evaluation
 from db.history import alarms_frame, batches_frame, facts_frame, metrics_frame
 from db.ledger import acquire_writer
 from db.runs import get_run
@@ -58,10 +58,9 @@ def test_the_last_healthy_point_is_the_latest_evaluated_batch_without_alarms(dat
         for _ in range(5):
             apply_and_commit(writer, writer.claim_batch(), weights, generator)
     for seq in (0, 2, 4, 5):
-        evaluation = record_evaluation(engine, run.id, seq, [("ppl.x", 10.0 + seq)])
-        if seq >= 4:
-            record_alarm(engine, run.id, seq, rule="ppl.*:ratio:2", metric="ppl.x", value=30.0, baseline=10.0,
-                         threshold=2.0, action="rollback", message="test", evaluation_id=evaluation)
+        alarms = [AlarmRow(rule="ppl.*:ratio:2", metric="ppl.x", value=30.0, baseline=10.0, threshold=2.0,
+                           action="rollback", message="test")] if seq >= 4 else []
+        record_evaluation(engine, run.id, seq, [("ppl.x", 10.0 + seq)], alarms=alarms)
     assert last_healthy_seq(engine, run.id, up_to=5) == 2  # 3 was never evaluated; 4 and 5 alarmed
     assert last_healthy_seq(engine, run.id, up_to=1) == 0
     alarms = alarms_frame(engine, run.id)

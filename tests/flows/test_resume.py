@@ -101,7 +101,7 @@ wins = [mean_nll(prompt, new) < mean_nll(prompt, true) for prompt, new, true in 
 print(json.dumps({"sha256": hashes, "es": sum(wins) / len(wins)}))
 """
 """ES of a list of (prompt, new, true) with nothing but torch and transformers: the mean per-token NLL of
-`` " " + target`` after the prompt, as MATH.md defines the CounterFact probabilities."""
+`` " " + target`` after the prompt, as docs/math.md defines the CounterFact probabilities."""
 
 
 def test_the_exported_run_gives_plain_transformers_its_hashes_and_final_es(ledger, tmp_path: Path):

@@ -19,7 +19,7 @@ from db.engine import make_engine
 from db.migrate import upgrade
 from editing.config import EditConfig, hparams_key_for, load_edit_config
 from editing.corpus import open_corpus
-from editing.stats import stats_path
+from editing.stats import SAMPLE_SEED, stats_path
 from flows.model_session import ModelSession
 from flows.pipeline import evaluate_run, sequential_edit
 from fixtures.runs import fast_settings, ingest_counterfact
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.usefixtures("prefect_server")
 
 
 def _cached_c0(adapter, config: EditConfig) -> dict[int, object]:
-    corpus = open_corpus(config.stats.corpus)
+    corpus = open_corpus(config.stats.corpus, config.stats.n_samples, SAMPLE_SEED)  # what the cache key hashes
     return {layer: stats_path(adapter, layer, corpus, config.stats) for layer in config.layers}
 
 

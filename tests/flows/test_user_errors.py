@@ -182,3 +182,16 @@ def test_a_failing_flow_prints_one_line_and_its_traceback_only_with_v(tiny_model
     assert lines[0].startswith(f"seqedit eval: error: cannot load model {str(model)!r}: not a local folder")
     loud = subprocess.run(argv[:3] + ["-v"] + argv[3:], capture_output=True, text=True, timeout=300, env=env)
     assert loud.returncode == 2 and "Traceback (most recent call last)" in loud.stderr
+
+
+def test_every_option_of_every_command_says_what_it_does():
+    """``--help`` of each command documents each of its options (argparse shows no text for one without)."""
+    import argparse
+
+    from flows.cli import _subparsers_of, build_parser
+
+    parser = build_parser()
+    missing = [f"{child.prog} {action.option_strings[0]}" for child in _subparsers_of(parser)
+               for action in child._actions
+               if action.option_strings and not isinstance(action, argparse._HelpAction) and not action.help]
+    assert missing == []

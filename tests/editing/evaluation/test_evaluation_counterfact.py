@@ -1,4 +1,4 @@
-"""CounterFact metrics: definitions (MATH.md), aggregation per fact then over facts, coverage, retention."""
+"""CounterFact metrics: definitions (docs/math.md), aggregation per fact then over facts, coverage, retention."""
 
 from __future__ import annotations
 

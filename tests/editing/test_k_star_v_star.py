@@ -1,4 +1,4 @@
-"""k* and v*: batching changes nothing but speed; the optimisation does what MATH.md says."""
+"""k* and v*: batching changes nothing but speed; the optimisation does what docs/math.md says."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import torch
 
 from editing.config import ValueParams
 from editing.facts import fact_from_record
-from editing.keys_values import build_rewrite_rows, compute_keys, compute_value_targets
+from editing.keys import compute_keys
+from editing.rows import build_rewrite_rows
+from editing.v_star import compute_v_star
 from editing.tokens import encode_target
 from fixtures.data import counterfact_records
 
@@ -54,9 +56,9 @@ def test_batched_v_star_equals_per_fact_optimisation(tiny_model, facts):
     adapter = tiny_model("llama", n_layers=3)
     params = ValueParams(lr=0.5, steps=6, clamp_norm_factor=2.0, kl_factor=0.0625, weight_decay=0.01,
                          loss_threshold=0.0)
-    batched = compute_value_targets(adapter, facts, 1, PREFIXES, params, rows_per_chunk=5)
+    batched = compute_v_star(adapter, facts, 1, PREFIXES, params, rows_per_chunk=5)
     for index, fact in enumerate(facts):
-        alone = compute_value_targets(adapter, [fact], 1, PREFIXES, params)
+        alone = compute_v_star(adapter, [fact], 1, PREFIXES, params)
         torch.testing.assert_close(batched.delta[index], alone.delta[0], rtol=1e-3, atol=1e-4)
         torch.testing.assert_close(batched.final_nll[index], alone.final_nll[0], rtol=1e-3, atol=1e-4)
 
@@ -64,7 +66,7 @@ def test_batched_v_star_equals_per_fact_optimisation(tiny_model, facts):
 def test_v_star_respects_the_clamp_and_lowers_the_loss(tiny_model, facts):
     adapter = tiny_model("gptj", n_layers=3)
     params = ValueParams(lr=1.0, steps=8, clamp_norm_factor=0.5, kl_factor=0.0, weight_decay=0.0, loss_threshold=0.0)
-    result = compute_value_targets(adapter, facts, 1, PREFIXES, params)
+    result = compute_v_star(adapter, facts, 1, PREFIXES, params)
     h = result.z - result.delta
     assert torch.all(result.delta.norm(dim=1) <= 0.5 * h.norm(dim=1) * (1 + 1e-5))
     assert torch.all(result.final_nll < result.initial_nll)
@@ -74,7 +76,7 @@ def test_v_star_respects_the_clamp_and_lowers_the_loss(tiny_model, facts):
 def test_converged_facts_stop_early(tiny_model, facts):
     adapter = tiny_model("llama", n_layers=3)
     params = ValueParams(steps=5, loss_threshold=1e9)  # every fact is "converged" at once
-    result = compute_value_targets(adapter, facts, 1, PREFIXES, params)
+    result = compute_v_star(adapter, facts, 1, PREFIXES, params)
     assert torch.all(result.steps == 1)
     assert torch.count_nonzero(result.delta) == 0
 
@@ -82,7 +84,7 @@ def test_converged_facts_stop_early(tiny_model, facts):
 def test_model_parameters_keep_their_grad_flags(tiny_model, facts):
     adapter = tiny_model("gpt2", n_layers=2)
     flags = [p.requires_grad for p in adapter.model.parameters()]
-    compute_value_targets(adapter, facts[:1], 0, ("",), ValueParams(steps=2))
+    compute_v_star(adapter, facts[:1], 0, ("",), ValueParams(steps=2))
     assert [p.requires_grad for p in adapter.model.parameters()] == flags
     assert all(p.grad is None for p in adapter.model.parameters())
 
@@ -96,12 +98,12 @@ def test_most_probable_early_stopping_stops_a_fact_whose_target_already_leads(sm
     fact = replace(eiffel_fact, target_new="Paris", target_true="Rome")
     base = ValueParams(steps=4, loss_threshold=0.0, n_prefixes=0)
     layer = 6
-    without = compute_value_targets(smollm2, [fact], layer, ("",), base)
+    without = compute_v_star(smollm2, [fact], layer, ("",), base)
     assert without.stop_reasons == ("steps",) and int(without.steps[0]) == 4
     for extra in (0, 2):
-        with_mpes = compute_value_targets(smollm2, [fact], layer, ("",), replace(base, mpes_extra_steps=extra))
+        with_mpes = compute_v_star(smollm2, [fact], layer, ("",), replace(base, mpes_extra_steps=extra))
         assert with_mpes.stop_reasons == ("most_probable",)
         assert int(with_mpes.steps[0]) == 1 + extra
     # a target the model does not predict yet (Rome) is optimised until it leads
-    other = compute_value_targets(smollm2, [eiffel_fact], layer, ("",), replace(base, mpes_extra_steps=0))
+    other = compute_v_star(smollm2, [eiffel_fact], layer, ("",), replace(base, mpes_extra_steps=0))
     assert int(other.steps[0]) > 1 and float(other.final_nll[0]) < float(other.initial_nll[0])
