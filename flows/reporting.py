@@ -117,8 +117,23 @@ def _label_axis(axis, title: str) -> None:
 
 
 def plot_metrics(engine: Engine, run_id: int, path: Path) -> Path:
-    """A PNG of the metric curves over the number of edits: edit success, retention, GE,
-    perplexity, downstream accuracy and the edited layers' norm growth, one panel each."""
+    """A PNG of :func:`metrics_figure`."""
+    return _save(metrics_figure(engine, run_id), path)
+
+
+def _save(figure, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def metrics_figure(engine: Engine, run_id: int):
+    """The metric curves over the number of edits: edit success, retention, GE, perplexity, downstream
+    accuracy and the edited layers' norm growth, one panel each (a matplotlib figure)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -150,11 +165,7 @@ def plot_metrics(engine: Engine, run_id: int, path: Path) -> Path:
     figure.suptitle(f"Run {run_id}: {run.spec.algorithm} on {Path(run.spec.model_name).name}, "
                     f"batch {run.spec.batch_size}")
     figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return figure
 
 
 COMPARISON_PANELS = (
@@ -208,6 +219,11 @@ def _edits_held(batches: pd.DataFrame, batch_id: object) -> int:
 
 
 def plot_comparison(engine: Engine, run_ids: list[int], path: Path) -> Path:
+    """A PNG of :func:`comparison_figure`."""
+    return _save(comparison_figure(engine, run_ids), path)
+
+
+def comparison_figure(engine: Engine, run_ids: list[int]):
     """The runs' curves on shared axes against the number of edits, one panel per :data:`COMPARISON_PANELS`
     entry that some run has; a dotted vertical line marks each run's first alarm."""
     import matplotlib
@@ -241,11 +257,7 @@ def plot_comparison(engine: Engine, run_ids: list[int], path: Path) -> Path:
         axis.set_visible(False)
     figure.suptitle(f"Runs {', '.join(map(str, run_ids))} compared (dotted: first collapse alarm)")
     figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return figure
 
 
 def comparison_markdown(engine: Engine, run_ids: list[int]) -> str:

@@ -6,7 +6,6 @@ these; nothing here downloads.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ from editing.data.bundle import packed_path, unpacked
 from editing.data.catalog import DatasetSpec
 from editing.data.hub import hub_cache_path, read_provenance
 from editing.data.resolve import DataUnavailable, mirror_dir, resolve
+from editing.models.loading import file_sha256
 
 
 @dataclass(frozen=True)
@@ -48,14 +48,6 @@ class Check:
         return None if self.expected is None else self.expected == self.actual
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def count_records(spec: DatasetSpec, path: Path) -> int:
     """Records as the dataset's reader sees them: texts of a corpus, entries of a JSON list or JSON lines."""
     if spec.kind == "text":
@@ -79,7 +71,7 @@ def availability(spec: DatasetSpec, root: str | Path | None = None) -> Availabil
     if resolved is None:
         return Availability(spec, None)
     return Availability(spec, resolved.origin, resolved.path, count_records(spec, resolved.path),
-                        resolved.path.stat().st_size, sha256_of(resolved.path), scope)
+                        resolved.path.stat().st_size, file_sha256(resolved.path), scope)
 
 
 def local_copies(spec: DatasetSpec, root: str | Path | None = None) -> list[Check]:
@@ -87,12 +79,12 @@ def local_copies(spec: DatasetSpec, root: str | Path | None = None) -> list[Chec
     checks = []
     mirrored = mirror_dir(root) / spec.file
     if mirrored.is_file():
-        checks.append(Check(spec.name, "mirror", mirrored, spec.sha256, sha256_of(mirrored)))
+        checks.append(Check(spec.name, "mirror", mirrored, spec.sha256, file_sha256(mirrored)))
     if spec.bundle is not None and packed_path(spec).is_file():
         path = unpacked(spec)
-        checks.append(Check(spec.name, "bundle", path, spec.bundle_sha256, sha256_of(path)))
+        checks.append(Check(spec.name, "bundle", path, spec.bundle_sha256, file_sha256(path)))
     cached = hub_cache_path(spec)
     if cached.is_file():
         recorded = read_provenance(cached) or {}
-        checks.append(Check(spec.name, "hub", cached, recorded.get("sha256"), sha256_of(cached)))
+        checks.append(Check(spec.name, "hub", cached, recorded.get("sha256"), file_sha256(cached)))
     return checks

@@ -118,7 +118,8 @@ def default_gguf_path() -> Path:
     return path
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in 4 MiB blocks (model files are large)."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 22), b""):
@@ -135,7 +136,7 @@ def converted_gguf(gguf_path: Path) -> Path:
     gguf_path = gguf_path.resolve()
     if not gguf_path.is_file():
         raise FileNotFoundError(f"GGUF file {gguf_path} does not exist")
-    sha = _file_sha256(gguf_path)
+    sha = file_sha256(gguf_path)
     folder = cache_dir() / "models" / f"{gguf_path.stem}-f32-{sha[:16]}"
     if (folder / _FINGERPRINT_FILE).exists():
         return folder

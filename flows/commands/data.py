@@ -59,7 +59,8 @@ def _list(args: argparse.Namespace) -> int:
 def _fetch(args: argparse.Namespace) -> int:
     from editing.data import catalog, dataset_spec
     from editing.data.hub import fetch
-    from editing.data.inventory import count_records, sha256_of
+    from editing.data.inventory import count_records
+    from editing.models.loading import file_sha256
 
     names = [spec.name for spec in catalog().values() if spec.hub] if args.names == ["all"] else args.names
     for name in names:
@@ -68,7 +69,7 @@ def _fetch(args: argparse.Namespace) -> int:
             raise LookupError(f"dataset {name!r} has no hub copy; it comes only from a mirror folder")
         path = fetch(spec)
         print(f"{name}: {count_records(spec, path):,d} records from {spec.hub.describe()} -> {path} "
-              f"(sha256 {sha256_of(path)[:16]})", flush=True)
+              f"(sha256 {file_sha256(path)[:16]})", flush=True)
     return 0
 
 

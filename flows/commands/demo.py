@@ -48,8 +48,9 @@ def handle(args: argparse.Namespace) -> int:
     from flows.reporting import metrics_wide, summary_table
     from flows.settings import RunSettings
 
-    if args.facts < 2 * args.batch_size:
-        raise ValueError(f"--facts must cover at least two batches ({2 * args.batch_size}) to show a rollback")
+    if args.facts < 3 * args.batch_size:
+        raise ValueError(f"--facts must cover at least three batches ({3 * args.batch_size}) to show a rollback "
+                         f"to batch 2")
     out = args.out.resolve()
     if out.exists():
         shutil.rmtree(out)

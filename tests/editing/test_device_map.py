@@ -25,6 +25,7 @@ from editing.models import ModelAdapter, load_model
 from editing.runtime import Runtime
 from editing.stats import second_moments
 from fixtures.data import counterfact_records
+from fixtures.plain import random_second_moments
 from fixtures.models import build_tiny_model
 
 N_LAYERS = 5
@@ -95,13 +96,7 @@ def test_second_moments_are_those_of_the_plain_model(plain, dispatched, tmp_path
 
 
 def _moments(adapter: ModelAdapter) -> dict[int, torch.Tensor]:
-    generator = torch.Generator().manual_seed(3)
-    d_in = adapter.key_dim
-    moments = {}
-    for layer in EDITED:
-        keys = torch.randn(d_in, 400, generator=generator)
-        moments[layer] = keys @ keys.T / 400
-    return moments
+    return random_second_moments(adapter.key_dim, EDITED)
 
 
 def _null_spaces(moments: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:

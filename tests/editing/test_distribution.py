@@ -11,6 +11,7 @@ from editing.distribution import MemitSpread, get_distribution
 from editing.editor import Editor
 from editing.facts import fact_from_record
 from fixtures.data import counterfact_records
+from fixtures.plain import random_second_moments
 
 PREFIXES = ("", "The weather was cold. ")
 
@@ -21,12 +22,7 @@ def facts():
 
 
 def _second_moments(adapter, layers) -> dict[int, torch.Tensor]:
-    generator = torch.Generator().manual_seed(3)
-    moments = {}
-    for layer in layers:
-        keys = torch.randn(adapter.weight(layer).shape[1], 400, generator=generator)
-        moments[layer] = keys @ keys.T / 400
-    return moments
+    return random_second_moments(adapter.key_dim, layers)
 
 
 def _edited(tiny_model, facts, algorithm: str, distribution: str, layers: tuple[int, ...]) -> dict[int, torch.Tensor]:

@@ -26,19 +26,12 @@ from editing.config import ValueParams
 from editing.facts import Fact, fact_from_record
 from editing.v_star import compute_v_star
 from fixtures.data import counterfact_records
+from fixtures.plain import last_subject_token
 
 LAYER = 6
 PREFIXES = ("", "The weather was cold that day. ", "Because of this, ")
 PARAMS = ValueParams(lr=0.5, steps=4, clamp_norm_factor=0.3, kl_factor=0.0625, weight_decay=0.5,
                      loss_threshold=0.05, n_prefixes=len(PREFIXES) - 1, kl_prompt="{} is a")
-
-
-def _last_subject_token(tokenizer, text: str, subject_end: int) -> tuple[list[int], int]:
-    encoding = tokenizer(text, return_offsets_mapping=True)
-    for index, (start, end) in enumerate(encoding["offset_mapping"]):
-        if start < subject_end <= end:
-            return encoding["input_ids"], index
-    raise AssertionError(f"no token ends the subject in {text!r}")
 
 
 def plain_v_star(adapter, fact: Fact, layer: int, params: ValueParams) -> torch.Tensor:
@@ -51,10 +44,10 @@ def plain_v_star(adapter, fact: Fact, layer: int, params: ValueParams) -> torch.
     subject_end = fact.prompt.index("{}") + len(fact.subject)
     prompts = []
     for prefix in PREFIXES:
-        ids, position = _last_subject_token(tokenizer, prefix + fact.rewrite_prompt, len(prefix) + subject_end)
+        ids, position = last_subject_token(tokenizer, prefix + fact.rewrite_prompt, len(prefix) + subject_end)
         prompts.append((ids + target[:-1], position, len(ids)))
     kl_text = params.kl_prompt.replace("{}", fact.subject)
-    kl_ids, kl_position = _last_subject_token(tokenizer, kl_text, kl_text.index(fact.subject) + len(fact.subject))
+    kl_ids, kl_position = last_subject_token(tokenizer, kl_text, kl_text.index(fact.subject) + len(fact.subject))
 
     injected: dict[str, object] = {}
 

@@ -11,8 +11,16 @@ import torch
 from db.evaluations import AlarmRow, record_evaluation
 from db.ledger import acquire_writer
 from flows.cli import main
-from flows.reporting import first_alarms
+from flows.reporting import comparison_figure, first_alarms, metrics_figure
 from fixtures.database import add_facts, apply_and_commit, new_run, random_weights
+
+
+def _panels(figure) -> dict[str, dict[str, tuple[list, list]]]:
+    """Each visible panel's title → its labelled series → (x, y), rounded: what a reader of the plot sees."""
+    return {axis.get_title(): {line.get_label(): ([round(float(x), 6) for x in line.get_xdata()],
+                                                  [round(float(y), 6) for y in line.get_ydata()])
+                               for line in axis.lines if not line.get_label().startswith("_")}
+            for axis in figure.axes if axis.get_visible()}
 
 
 @pytest.fixture
@@ -79,7 +87,15 @@ def test_report_writes_a_plot_and_a_markdown_summary(recorded_run, tmp_path, cap
     database, run_id = recorded_run
     assert main(["report", "--db", database.url, "--run", str(run_id), "--out", str(tmp_path)]) == 0
     plot = tmp_path / f"run-{run_id}-metrics.png"
-    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    panels = _panels(metrics_figure(database.engine, run_id))  # what the PNG shows, read from its figure
+    assert list(panels) == ["Edit success (batch just edited)", "Perplexity", "Downstream accuracy",
+                            "‖W − W0‖_F per layer"]
+    # the active evaluations at batches 0 and 2 (4 edits); batch 4's was rolled back and is not drawn
+    assert panels["Edit success (batch just edited)"] == {"es": ([0, 4], [0.0, 0.2])}
+    assert panels["Perplexity"] == {"ppl.wiki": ([0, 4], [10.0, 12.0])}
+    assert panels["Downstream accuracy"] == {"acc.sst2": ([0, 4], [0.8, 0.7])}
+    assert panels["‖W − W0‖_F per layer"] == {"norm.dw.1": ([0, 4], [0.0, 2.0])}
     summary = (tmp_path / f"run-{run_id}-summary.md").read_text()
     assert "| seq | n_edits | es |" in summary and "Collapse alarms" in summary
     assert "Rolled back: batches [4]" in summary and "keys" in summary
@@ -115,7 +131,16 @@ def test_report_compares_runs_on_shared_axes_with_their_first_alarms(recorded_ru
                  "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     plot, summary = out / f"compare-runs-{first}-{second.id}.png", out / f"compare-runs-{first}-{second.id}.md"
-    assert plot.stat().st_size > 10_000 and summary.read_text() in printed
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and summary.read_text() in printed
+    figure = comparison_figure(engine, [first, second.id])
+    panels = _panels(figure)
+    assert panels["Efficacy (ES) of the batch just edited"] == {
+        f"run {first}: memit": ([0, 4], [0.0, 0.2]), f"run {second.id}: memit": ([0, 3, 6], [0.9, 0.9, 0.9])}
+    assert panels["Perplexity probe (every batch)"] == {f"run {second.id}: memit": ([0, 3, 6], [10.0, 15.0, 20.0])}
+    alarm_lines = [line.get_xdata()[0] for axis in figure.axes if axis.get_visible() for line in axis.lines
+                   if line.get_linestyle() == ":"]
+    assert set(alarm_lines) == {3.0, 8.0}  # in every panel, each run's first alarm: after 3 edits, and at batch 4 (8 edits,
+    #                                           rolled back since, but raised: the history keeps it)
     assert "## First collapse alarm" in printed and "ppl.*:ratio:1.2" in printed
     # every active full evaluation (batch 4's was rolled back; the second run has health checks only)
     points = printed[printed.index("## Full evaluations"):].splitlines()

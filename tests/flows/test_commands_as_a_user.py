@@ -33,17 +33,8 @@ from fixtures.runs import SOURCE, TINY_EDIT, tiny_settings
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
 
-@pytest.fixture
-def ledger(tmp_path):
-    url = f"sqlite:///{tmp_path / 'ledger.db'}"
-    upgrade(url)
-    engine = make_engine(url)
-    ingest_file(engine, counterfact_file(16), source=SOURCE)
-    return url, engine
-
-
-def test_an_interrupted_run_gives_its_claimed_batch_back_to_the_pool(ledger, tiny_model_folder, monkeypatch):
-    url, engine = ledger
+def test_an_interrupted_run_gives_its_claimed_batch_back_to_the_pool(tiny_ledger, tiny_model_folder, monkeypatch):
+    url, engine = tiny_ledger
     import flows.pipeline
 
     def interrupt_batch_2(name: str, seq: int) -> None:
@@ -64,8 +55,8 @@ def test_an_interrupted_run_gives_its_claimed_batch_back_to_the_pool(ledger, tin
     assert list(statuses[:12]) == ["applied"] * 12  # the next run on the pool edited batch 2's facts
 
 
-def test_a_second_writer_is_refused_before_anything_loads(ledger, tiny_model_folder, capsys):
-    url, engine = ledger
+def test_a_second_writer_is_refused_before_anything_loads(tiny_ledger, tiny_model_folder, capsys):
+    url, engine = tiny_ledger
     run_id = sequential_edit(settings=tiny_settings(tiny_model_folder, limit=4).to_dict(), db_url=url)["run_id"]
     capsys.readouterr()
     with acquire_writer(engine, run_id):
@@ -77,10 +68,10 @@ def test_a_second_writer_is_refused_before_anything_loads(ledger, tiny_model_fol
 
 
 @pytest.mark.parametrize("algorithm", ["alphaedit", "encore"])
-def test_one_shot_edits_preserve_their_earlier_batches_like_a_run(ledger, tiny_model_folder, tmp_path, algorithm):
+def test_one_shot_edits_preserve_their_earlier_batches_like_a_run(tiny_ledger, tiny_model_folder, tmp_path, algorithm):
     """``seqedit edit`` with two batches and a run of the same two batches give the same weights: the
     one-shot path adds each batch to the edit memory the next batch preserves."""
-    url, engine = ledger
+    url, engine = tiny_ledger
     settings = tiny_settings(tiny_model_folder, algorithm=algorithm, limit=8, fact_pool="private")
     run = sequential_edit(settings=settings.to_dict(), db_url=url)
     saved = tmp_path / "one-shot"
@@ -92,9 +83,9 @@ def test_one_shot_edits_preserve_their_earlier_batches_like_a_run(ledger, tiny_m
         assert torch.allclose(one_shot[f"model.layers.{layer}.mlp.down_proj.weight"], weight, rtol=0, atol=1e-6), layer
 
 
-def test_rollback_json_is_only_json_and_a_rollback_to_where_the_run_is_records_nothing(ledger, tiny_model_folder,
+def test_rollback_json_is_only_json_and_a_rollback_to_where_the_run_is_records_nothing(tiny_ledger, tiny_model_folder,
                                                                                        capsys):
-    url, engine = ledger
+    url, engine = tiny_ledger
     run_id = sequential_edit(settings=tiny_settings(tiny_model_folder, limit=8).to_dict(), db_url=url)["run_id"]
     capsys.readouterr()
     assert main(["rollback", "--db", url, "--run", str(run_id), "--to", "2", "--json"]) == 0
@@ -110,8 +101,8 @@ def test_rollback_json_is_only_json_and_a_rollback_to_where_the_run_is_records_n
     assert capsys.readouterr().err.strip() == f"seqedit rollback: error: --to 99: run {run_id} has applied batches 0-1 (0: before any edit)"
 
 
-def test_exports_refuse_to_overwrite_and_write_readable_files(ledger, tiny_model_folder, tmp_path, capsys):
-    url, _ = ledger
+def test_exports_refuse_to_overwrite_and_write_readable_files(tiny_ledger, tiny_model_folder, tmp_path, capsys):
+    url, _ = tiny_ledger
     run_id = sequential_edit(settings=tiny_settings(tiny_model_folder, limit=4).to_dict(), db_url=url)["run_id"]
     out = tmp_path / "tables"
     assert main(["export", "--db", url, "--run", str(run_id), "--out", str(out)]) == 0
@@ -129,8 +120,8 @@ def test_exports_refuse_to_overwrite_and_write_readable_files(ledger, tiny_model
     assert modes["model.safetensors"] == modes["config.json"] == 0o644, modes
 
 
-def test_history_finds_subjects_by_any_case_and_shows_unnamed_runs_blank(ledger, tiny_model_folder, capsys):
-    url, engine = ledger
+def test_history_finds_subjects_by_any_case_and_shows_unnamed_runs_blank(tiny_ledger, tiny_model_folder, capsys):
+    url, engine = tiny_ledger
     sequential_edit(settings=tiny_settings(tiny_model_folder, limit=4).to_dict(), db_url=url)
     subject = facts_frame(engine)["subject"][0]
     capsys.readouterr()

@@ -159,8 +159,7 @@ def test_a_killed_run_resumes_to_the_same_weights(ledger, tmp_path: Path, prefec
     config.write_text(yaml.safe_dump(fast_settings(**KILLED_SETTINGS).to_dict()))
     worker = _start_worker(url, config, prefect_server, None if kill.startswith("sigkill") else kill)
     if kill.startswith("sigkill"):
-        _wait_for_claim(engine, 2, worker)
-        time.sleep(0.5)
+        _wait_for_claim(engine, 2, worker)  # batch 2 claimed: its v* runs next, nothing of it committed
         worker.send_signal(signal.SIGKILL)
     output, _ = worker.communicate(timeout=600)
     assert worker.returncode == -signal.SIGKILL, output

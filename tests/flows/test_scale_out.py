@@ -116,7 +116,7 @@ def _kill_a_worker_mid_evaluation(engine, workers: list[subprocess.Popen], run: 
             flow_pid = int(held.split(":")[1])
             worker = parent(flow_pid)
             assert worker in worker_pids, f"flow run {flow_pid} is not a child of our workers {worker_pids}"
-            time.sleep(2)  # well inside the evaluation
+            # the claim is the evaluation's first step (the ledger says a worker holds it): kill now
             for group in {os.getpgid(flow_pid), worker}:  # the worker, and the flow run (in case it has its own)
                 os.killpg(group, signal.SIGKILL)
             return flow_pid
