@@ -25,6 +25,7 @@ from db.migrate import upgrade
 from db.models import RollbackRecord
 from db.replay import weights_at
 from flows.cli import main
+from flows.model_session import ModelSession
 from flows.one_shot import OneShotRequest, run_one_shot
 from flows.pipeline import sequential_edit
 from fixtures.data import counterfact_file
@@ -55,16 +56,20 @@ def test_an_interrupted_run_gives_its_claimed_batch_back_to_the_pool(tiny_ledger
     assert list(statuses[:12]) == ["applied"] * 12  # the next run on the pool edited batch 2's facts
 
 
-def test_a_second_writer_is_refused_before_anything_loads(tiny_ledger, tiny_model_folder, capsys):
+def test_a_second_writer_is_refused_before_anything_loads(tiny_ledger, tiny_model_folder, capsys, monkeypatch):
     url, engine = tiny_ledger
     run_id = sequential_edit(settings=tiny_settings(tiny_model_folder, limit=4).to_dict(), db_url=url)["run_id"]
     capsys.readouterr()
+    loads = []
+    get = ModelSession.get.__func__
+    monkeypatch.setattr(ModelSession, "get", classmethod(lambda cls, *args: loads.append(args) or get(cls, *args)))
     with acquire_writer(engine, run_id):
         assert main(["run", "--db", url, "--resume", str(run_id)]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith(f"seqedit run: error: run {run_id} already has a writer") and "\n" not in err
         assert main(["rollback", "--db", url, "--run", str(run_id), "--to", "0"]) == 2
         assert "already has a writer" in capsys.readouterr().err
+    assert loads == []  # refused before any model was asked for
 
 
 @pytest.mark.parametrize("algorithm", ["alphaedit", "encore"])
