@@ -83,7 +83,10 @@ def test_a_ledger_in_a_read_only_folder_can_be_read_but_not_written():
     upgrade(url)
     from db.engine import make_engine
 
-    add_facts(make_engine(url), 3)
+    engine = make_engine(url)
+    add_facts(engine, 3)
+    engine.dispose()  # closed cleanly: SQLite removes its -wal and -shm files, as in a copied or archived ledger
+    assert not Path(f"{path}-wal").exists()
     folder.chmod(0o555)
     path.chmod(0o444)
     try:
