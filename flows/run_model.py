@@ -23,11 +23,11 @@ def check_run_model(run: RunInfo, adapter: ModelAdapter, error: type[Exception],
     holds may be in another run's state, and is neither changed nor trusted here. ``dtype``, when given,
     is named in the message as a likely cause of differing layers (the dtype the caller loaded the model in).
     """
+    cause = f" (another model, or another dtype than {dtype}?)" if dtype is not None else ""
     if run.spec.model_fingerprint and adapter.fingerprint != run.spec.model_fingerprint:
         raise error(f"run {run.id} edited a model with fingerprint {run.spec.model_fingerprint[:16]}…, "
-                    f"but {adapter.name} loads as {adapter.fingerprint[:16]}…")
+                    f"but {adapter.name} loads as {adapter.fingerprint[:16]}…{cause}")
     original = {layer: weight_sha256(weight) for layer, weight in adapter.original_weights(run.layers).items()}
     wrong = [layer for layer in run.layers if original[layer] != run.original_sha256[layer]]
     if wrong:
-        cause = f" (another model or dtype than {dtype}?)" if dtype is not None else ""
         raise error(f"run {run.id}: the loaded model's layers {wrong} differ from the run's originals{cause}")

@@ -103,3 +103,23 @@ def test_resuming_or_evaluating_a_run_with_another_model_is_refused(tmp_path, to
         assert done.returncode == 2 and len(errors) == 1, done.stderr
         assert errors[0].startswith(f"seqedit {argv[0]}: error: run {run_id} edited a model with fingerprint")
     assert list(batches_frame(make_engine(url), run_id)["status"]) == ["applied"]
+
+
+def test_the_same_model_in_another_dtype_is_not_the_runs_model(tmp_path, tiny_model_folder, prefect_server):
+    """A run records its resolved dtype and reloads in it; the guard itself also refuses the model in another
+    one (its layers' hashes are of other numbers), naming the dtype as the likely cause."""
+    from db.runs import get_run
+    from editing.models import load_model
+    from flows.run_model import check_run_model
+    from flows.run_state import RunStateError
+
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    ingest_file(engine, counterfact_file(4), source=SOURCE)
+    run_id = sequential_edit(settings=tiny_settings(tiny_model_folder, limit=4).to_dict(), db_url=url)["run_id"]
+    run = get_run(engine, run_id)
+    check_run_model(run, load_model(tiny_model_folder, device="cpu"), RunStateError)  # float32: the run's model
+    with pytest.raises(RunStateError, match="another dtype than bfloat16"):
+        check_run_model(run, load_model(tiny_model_folder, dtype=torch.bfloat16, device="cpu"), RunStateError,
+                        dtype="bfloat16")
