@@ -41,20 +41,22 @@ class WriterLock(Protocol):
     def release(self) -> None: ...
 
 
-def writer_lock(engine: Engine, run_id: int) -> WriterLock:
-    """The lock implementation for ``engine``'s database (not yet acquired)."""
+def writer_lock(engine: Engine, run_id: int, subject: str = "run") -> WriterLock:
+    """The lock implementation for ``engine``'s database (not yet acquired). ``subject`` names what is
+    locked: ``run`` (a run's writer) or ``arm`` (the process running a study arm); each has its own keys."""
     if engine.dialect.name == "postgresql":
-        return AdvisoryLock(engine, run_id)
+        return AdvisoryLock(engine, run_id, subject)
     database = Path(engine.url.database).resolve()
-    return FileLock(database.with_name(f"{database.name}.run-{run_id}.lock"), run_id)
+    return FileLock(database.with_name(f"{database.name}.{subject}-{run_id}.lock"), run_id, subject)
 
 
 class AdvisoryLock:
     """PostgreSQL ``pg_try_advisory_lock(namespace, run_id)`` on a connection of its own."""
 
-    def __init__(self, engine: Engine, run_id: int) -> None:
+    def __init__(self, engine: Engine, run_id: int, subject: str = "run") -> None:
         self._engine = engine
         self._run_id = run_id
+        self._subject = subject
         self._connection: Connection | None = None
         self._namespace = 0
 
@@ -62,15 +64,16 @@ class AdvisoryLock:
         connection = self._engine.connect().execution_options(isolation_level="AUTOCOMMIT")
         try:
             schema = connection.scalar(text("SELECT current_schema()"))
-            digest = hashlib.sha256(f"{LOCK_NAMESPACE}:{schema}".encode()).digest()
+            namespace = LOCK_NAMESPACE if self._subject == "run" else f"seqedit {self._subject} writer"
+            digest = hashlib.sha256(f"{namespace}:{schema}".encode()).digest()
             self._namespace = int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
             keys = {"namespace": self._namespace, "run_id": self._run_id}
             if not connection.scalar(text("SELECT pg_try_advisory_lock(:namespace, :run_id)"), keys):
                 holder = connection.scalar(text(
                     "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted "
                     "AND classid = :namespace AND objid = :run_id AND objsubid = 2"), keys)
-                raise RunLockedError(f"run {self._run_id} already has a writer "
-                                     f"(PostgreSQL backend pid {holder}); one writer per run")
+                raise RunLockedError(f"{self._subject} {self._run_id} already has a writer "
+                                     f"(PostgreSQL backend pid {holder}); one writer per {self._subject}")
         except BaseException:
             connection.close()
             raise
@@ -92,9 +95,10 @@ class AdvisoryLock:
 class FileLock:
     """An exclusive, non-blocking ``flock`` on ``path``; the file records who holds it."""
 
-    def __init__(self, path: Path, run_id: int) -> None:
+    def __init__(self, path: Path, run_id: int, subject: str = "run") -> None:
         self._path = path
         self._run_id = run_id
+        self._subject = subject
         self._fd: int | None = None
 
     def acquire(self) -> None:
@@ -105,8 +109,8 @@ class FileLock:
             except BlockingIOError:
                 holder = os.pread(fd, 200, 0).decode(errors="replace") or "unknown"
                 os.close(fd)
-                raise RunLockedError(f"run {self._run_id} already has a writer ({holder}, lock file "
-                                     f"{self._path}); one writer per run") from None
+                raise RunLockedError(f"{self._subject} {self._run_id} already has a writer ({holder}, lock file "
+                                     f"{self._path}); one writer per {self._subject}") from None
             # The holder before us removes the file as it releases (see release); if it did so after we
             # opened it, our lock is on an unlinked inode that a newcomer would not see: start again.
             if self._still_linked(fd):

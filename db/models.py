@@ -402,3 +402,109 @@ class EvaluationRequest(Base):
     __table_args__ = (
         Index("uq_evaluation_requests_batch_id", "batch_id", unique=True, **_partial("status <> 'failed'")),
     )
+
+
+class StudyStatus(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+STUDY_MODES = ("independent", "sequential")
+
+
+class StudyRecord(Base):
+    """A named set of arms (``seqedit study run SPEC.yaml``): the spec as expanded, and where it stands."""
+
+    __tablename__ = "studies"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    """The study's spec with the command line's overrides applied (what its arms were expanded from)."""
+    fact_source: Mapped[str] = mapped_column(String(200))
+    """The ledger source its facts were ingested under."""
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class StudyArmRecord(Base):
+    """One arm of a study: its settings, its status and, for a sequential arm, its run."""
+
+    __tablename__ = "study_arms"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    name: Mapped[str] = mapped_column(String(200))
+    position: Mapped[int] = mapped_column(Integer)
+    mode: Mapped[str] = mapped_column(String(16))
+    settings: Mapped[dict[str, Any]] = mapped_column(JSON)
+    """The arm's :class:`flows.settings.RunSettings` (as a dict) plus ``n_facts`` and ``seed``."""
+    status: Mapped[StudyStatus] = mapped_column(_status(StudyStatus, "arm_status"))
+    run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id"))
+    """A sequential arm's run (None until it is created; an independent arm has none)."""
+    v_star_key: Mapped[str | None] = mapped_column(String(64))
+    """sha256 of the v* ingredients other than the fact (model, layer, v* settings, prefixes)."""
+    flow_run_id: Mapped[str | None] = mapped_column(String(64))
+    worker: Mapped[str | None] = mapped_column(String(200))
+    """``host:pid:ppid`` of the process that last ran the arm (on a work pool the parent is the Prefect worker)."""
+    error: Mapped[str | None] = mapped_column(Text)
+    seconds: Mapped[float | None] = mapped_column(Float)
+    """Wall time the arm's flow runs spent, summed over resumes."""
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+    __table_args__ = (UniqueConstraint("study_id", "name"),
+                      CheckConstraint(f"mode IN {STUDY_MODES}", name="known_mode"))
+
+
+class ArmBatchRecord(Base):
+    """One batch of an independent arm: edited into the unedited model, scored on its facts, undone."""
+
+    __tablename__ = "arm_batches"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    arm_id: Mapped[int] = mapped_column(ForeignKey("study_arms.id"), index=True)
+    seq: Mapped[int] = mapped_column(Integer)
+    n_facts: Mapped[int] = mapped_column(Integer)
+    timings: Mapped[dict[str, float]] = mapped_column(JSON)
+    diagnostics: Mapped[dict[str, Any]] = mapped_column(JSON)
+    """The edit's diagnostics (memorization per layer, v*) and how many v* were computed and reused."""
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    __table_args__ = (UniqueConstraint("arm_id", "seq"), CheckConstraint("seq >= 1", name="positive_seq"))
+
+
+class ArmFactScore(Base):
+    """The scores of one fact right after its batch's edit, in an independent arm (NULL: not defined)."""
+
+    __tablename__ = "arm_fact_scores"
+
+    arm_batch_id: Mapped[int] = mapped_column(ForeignKey("arm_batches.id"), primary_key=True)
+    fact_id: Mapped[int] = mapped_column(ForeignKey("facts.id"), primary_key=True)
+    es: Mapped[float | None] = mapped_column(Float)
+    ps: Mapped[float | None] = mapped_column(Float)
+    ns: Mapped[float | None] = mapped_column(Float)
+    em: Mapped[float | None] = mapped_column(Float)
+    pm: Mapped[float | None] = mapped_column(Float)
+    nm: Mapped[float | None] = mapped_column(Float)
+    ge: Mapped[float | None] = mapped_column(Float)
+
+
+class VStarEntry(Base):
+    """A fact's v* target ``z``, kept under the hash of everything it depends on, for reuse across arms."""
+
+    __tablename__ = "v_star_cache"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    """sha256 of ``ingredients_key`` and the fact's identity."""
+    ingredients_key: Mapped[str] = mapped_column(String(64), index=True)
+    fact_id: Mapped[int] = mapped_column(ForeignKey("facts.id"))
+    ingredients: Mapped[dict[str, Any]] = mapped_column(JSON)
+    """What the key hashes (model fingerprint and dtype, layer, v* settings, prefixes), readable."""
+    z: Mapped[bytes] = mapped_column(LargeBinary)
+    """safetensors bytes holding ``z`` and ``delta`` (d,) float32."""
+    final_nll: Mapped[float] = mapped_column(Float)
+    initial_nll: Mapped[float] = mapped_column(Float)
+    steps: Mapped[int] = mapped_column(Integer)
+    stop_reason: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -137,23 +137,31 @@ class Editor:
             raise ValueError("an edit batch needs at least one fact")
         self.objective.check_batch_size(len(facts))
 
-    def apply(self, facts: list[Fact], on_layer: Callable[[LayerUpdate], None] | None = None) -> BatchEdit:
+    def apply(self, facts: list[Fact], on_layer: Callable[[LayerUpdate], None] | None = None,
+              v_star: Callable[[list[Fact]], VStar] | None = None) -> BatchEdit:
         """Edit the model with ``facts``; on any error the model is left exactly as it was.
 
-        ``on_layer`` is called after each layer's update is written (progress, crash tests).
+        ``on_layer`` is called after each layer's update is written (progress, crash tests). ``v_star``
+        supplies the batch's targets instead of optimising them here — a study reuses a fact's ``z``
+        across arms (:mod:`flows.studies.v_star_reuse`); it must give what :meth:`compute_v_star` would.
         """
         self.check_batch(facts)
         before = self.adapter.snapshot(list(self.layers))
         try:
-            return self._apply(facts, on_layer)
+            return self._apply(facts, on_layer, v_star or self.compute_v_star)
         except BaseException:
             self.adapter.restore(before)
             raise
 
-    def _apply(self, facts: list[Fact], on_layer: Callable[[LayerUpdate], None] | None) -> BatchEdit:
+    def compute_v_star(self, facts: list[Fact]) -> VStar:
+        """The batch's v* at the last edit layer, on the model as it is now."""
+        return compute_v_star(self.adapter, facts, self.layers[-1], self.prefixes, self.config.values,
+                              autocast=self.runtime.autocast_dtype)
+
+    def _apply(self, facts: list[Fact], on_layer: Callable[[LayerUpdate], None] | None,
+               targets: Callable[[list[Fact]], VStar]) -> BatchEdit:
         started = time.perf_counter()
-        v_star = compute_v_star(self.adapter, facts, self.layers[-1], self.prefixes, self.config.values,
-                                autocast=self.runtime.autocast_dtype)
+        v_star = targets(facts)
         v_star_seconds = time.perf_counter() - started
         rows = build_rewrite_rows(self.adapter, facts, self.prefixes, with_targets=False)
         solve_seconds: list[float] = []

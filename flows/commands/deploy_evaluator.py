@@ -36,13 +36,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def deploy_evaluator(pool: str = DEFAULT_POOL, name: str = DEFAULT_NAME) -> str:
     """Create the process work pool ``pool`` if it does not exist and deploy the ``evaluate`` flow to it;
     returns the deployment's full name (``evaluate/<name>``)."""
+    from flows.pipeline import evaluate_run
+
+    return deploy_flow(evaluate_run, pool, name, "Evaluate a point of a seqedit run (asynchronous evaluation).",
+                       ["seqedit", "evaluation"])
+
+
+def deploy_flow(flow, pool: str, name: str, description: str, tags: list[str]) -> str:
+    """Deploy ``flow`` by module path (a process worker needs only seqedit installed) to the process work
+    pool ``pool``, created if missing; returns ``<flow>/<name>``. Shared with ``seqedit study deploy``."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.deployments.runner import EntrypointType
     from prefect.exceptions import ObjectNotFound
     from prefect.settings import PREFECT_API_URL
-
-    from flows.pipeline import evaluate_run
 
     if not PREFECT_API_URL.value():
         raise ValueError("a work pool needs a Prefect server: start one (`prefect server start`) and set "
@@ -52,10 +59,9 @@ def deploy_evaluator(pool: str = DEFAULT_POOL, name: str = DEFAULT_NAME) -> str:
             client.read_work_pool(pool)
         except ObjectNotFound:
             client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
-    evaluate_run.deploy(name=name, work_pool_name=pool, entrypoint_type=EntrypointType.MODULE_PATH, build=False,
-                        push=False, print_next_steps=False, tags=["seqedit", "evaluation"],
-                        description="Evaluate a point of a seqedit run (asynchronous evaluation).")
-    return f"{evaluate_run.name}/{name}"
+    flow.deploy(name=name, work_pool_name=pool, entrypoint_type=EntrypointType.MODULE_PATH, build=False,
+                push=False, print_next_steps=False, tags=tags, description=description)
+    return f"{flow.name}/{name}"
 
 
 def handle(args: argparse.Namespace) -> int:

@@ -15,7 +15,8 @@ from db.models import Base
 from flows.cli import main
 
 LEDGER_TABLES = {"facts", "runs", "rollbacks", "batches", "batch_facts", "weight_deltas", "checkpoints",
-                 "evaluations", "metrics", "alarms", "evaluation_requests"}
+                 "evaluations", "metrics", "alarms", "evaluation_requests", "studies",
+                 "study_arms", "arm_batches", "arm_fact_scores", "v_star_cache"}
 
 
 def _tables(engine) -> set[str]:

@@ -3,7 +3,7 @@
 Nothing is destroyed on purpose: ROME, one fact per batch, the SmolLM2 hparams as shipped (v* without
 context prefixes, as in the lifelong study), the first facts of ``counterfact-easyedit-edit.json`` in
 order, the default collapse rules and the health check after every batch. In the lifelong study
-(``bench/lifelong_study.sh``, issue 11's note) this run's first alarm came at edit 113: each rank-one
+(issue 11's note; now ``studies/lifelong.yaml``) this run's first alarm came at edit 113: each rank-one
 ROME update adds a ‖ΔW‖ of ~16 to layer 6's down-projection (‖W0‖ ≈ 176) in a new direction, so
 ‖W‖ grows like √n until ``norm.w.6`` = 263.9 tripped ``norm.w.*:ratio:1.5``. The damage was real by
 then: the perplexity probe up 15 % (43.2 → 49.6), generation entropy down 1.2 bits at edit 100 (5.17 →
@@ -25,7 +25,7 @@ from fixtures.data import dataset_path
 pytestmark = [pytest.mark.slow, pytest.mark.smollm, pytest.mark.usefixtures("prefect_server")]
 
 FIRST_ALARM = 113
-"""The edit at which the study's ROME run raised its first alarm (bench/lifelong_study.sh)."""
+"""The edit at which the study's ROME run raised its first alarm (issue 11's note; now studies/lifelong.yaml)."""
 MARGIN = 20
 """Edits allowed beyond it: the threshold is crossed by a random walk of norms, not at a fixed edit."""
 
