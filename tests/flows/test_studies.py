@@ -60,7 +60,8 @@ def test_a_spec_expands_its_grid_and_arms_with_the_command_lines_overrides_last(
     spec = expand({"name": "s", "facts": {"file": "counterfact-1000", "start": 32, "stop": 999}, "n_facts": 8,
                    "settings": {"edit_overrides": {"values": {"steps": 3}}},
                    "grid": {"algorithm": ["memit", "emmet"], "layers": [[7], [3, 4, 5, 6, 7]]},
-                   "arms": [{"name": "emmet-one", "algorithm": "emmet", "layers": [7], "overrides": {"values.steps": 9}}]},
+                   "arms": [{"name": "emmet-one", "algorithm": "emmet", "layers": [7], "overrides": {"values.steps": 9},
+                             "n_facts": 16}]},
                   batch_sizes=[1, 4])
     names = [arm.name for arm in spec.arms]
     assert names[:4] == ["memit-L7-B1", "memit-L7-B4", "memit-L3-7-B1", "memit-L3-7-B4"]
@@ -73,6 +74,7 @@ def test_a_spec_expands_its_grid_and_arms_with_the_command_lines_overrides_last(
     assert [arm.name for arm in rome] == ["emmet-one-B1", "emmet-one-B4"]
     assert [arm.settings["edit_overrides"]["values.steps"] for arm in rome] == [9, 9]  # the arm's entry wins
     assert [arm.settings["batch_size"] for arm in rome] == [1, 4]
+    assert [arm.n_facts for arm in rome] == [16, 16] and spec.arms[0].n_facts == 8  # the arm's entry wins
 
 
 @pytest.mark.parametrize("change, message", [
