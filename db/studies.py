@@ -9,6 +9,7 @@ results) — the spec is only read for arms it does not have yet.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
@@ -50,14 +51,23 @@ def _arm_info(row: StudyArmRecord) -> ArmInfo:
 def open_study(engine: Engine, name: str, spec: Mapping[str, Any], fact_source: str,
                arms: Iterable[tuple[str, str, Mapping[str, Any]]]) -> tuple[int, list[ArmInfo]]:
     """The study ``name`` (created if new) with every arm of ``arms`` (name, mode, settings); arms it has
-    already keep their row. Returns the study's id and its arms in position order."""
+    already keep their row — and must have the same settings, or nothing is written and ValueError says
+    which differ (a study's results describe one spec). Returns the study's id and its arms in position order."""
     with transaction(engine, write=True) as session:
         study = session.scalars(select(StudyRecord).where(StudyRecord.name == name)).one_or_none()
         if study is None:
             study = StudyRecord(name=name, spec=dict(spec), fact_source=fact_source)
             session.add(study)
             session.flush()
-        have = {row.name for row in session.scalars(select(StudyArmRecord).where(StudyArmRecord.study_id == study.id))}
+        existing = {row.name: row for row in
+                    session.scalars(select(StudyArmRecord).where(StudyArmRecord.study_id == study.id))}
+        arms = list(arms)
+        changed = [arm_name for arm_name, mode, settings in arms if arm_name in existing and
+                   (existing[arm_name].mode, _normal(existing[arm_name].settings)) != (mode, _normal(settings))]
+        if changed:
+            raise ValueError(f"study {name!r} has arm(s) {', '.join(changed)} with other settings than this spec's; "
+                             f"give the changed study another name (--name), or run it as it was")
+        have = set(existing)
         position = len(have)
         for arm_name, mode, settings in arms:
             if arm_name not in have:
@@ -67,6 +77,11 @@ def open_study(engine: Engine, name: str, spec: Mapping[str, Any], fact_source: 
                 position += 1
         study_id = study.id
     return study_id, study_arms(engine, study_id)
+
+
+def _normal(settings: Mapping[str, Any]) -> Any:
+    """Settings as the ledger's JSON column gives them back (tuples become lists)."""
+    return json.loads(json.dumps(settings, sort_keys=True))
 
 
 def find_study(engine: Engine, name: str) -> tuple[int, dict[str, Any], str]:

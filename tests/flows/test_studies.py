@@ -91,6 +91,20 @@ def test_a_bad_spec_is_one_line_naming_the_field(tmp_path, change, message):
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
+def test_a_study_run_again_with_other_settings_is_refused_and_nothing_is_written(tmp_path):
+    from flows.studies.runner import prepare_study
+
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    spec = _spec("some-model")
+    study_id, arms = prepare_study(engine, expand(spec))
+    assert prepare_study(engine, expand(spec)) == (study_id, arms)  # the same spec again: the same arms
+    with pytest.raises(ValueError, match="arm\\(s\\) memit-L1-2-B3, emmet-L1-2-B3 with other settings"):
+        prepare_study(engine, expand({**spec, "n_facts": 4}))
+    assert study_arms(engine, study_id) == arms
+
+
 # -- running ---------------------------------------------------------------------------------------------------------
 @pytest.fixture
 def ledger(tmp_path):
