@@ -107,11 +107,10 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()  # inside the try: a reader that left (`| head`) fails this flush, not the exit
         return status
     except Terminated as stop:
-        print(f"seqedit {args.command}: {stop}; a run resumes with `seqedit run --resume RUN_ID`", file=sys.stderr)
+        print(f"seqedit {args.command}: {stop}; {_how_to_continue(args.command)}", file=sys.stderr)
         return 128 + stop.signum
     except KeyboardInterrupt:
-        print(f"seqedit {args.command}: interrupted; a run resumes with `seqedit run --resume RUN_ID`",
-              file=sys.stderr)
+        print(f"seqedit {args.command}: interrupted; {_how_to_continue(args.command)}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `seqedit history | head`: the reader left; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -121,6 +120,12 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"seqedit {args.command}: error: {one_line(error)}", file=sys.stderr)
         return 2
+
+
+def _how_to_continue(command: str) -> str:
+    if command == "study":
+        return "a study continues where it stopped with the same `seqedit study run SPEC`"
+    return "a run resumes with `seqedit run --resume RUN_ID`"
 
 
 def one_line(error: BaseException) -> str:

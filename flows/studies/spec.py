@@ -83,6 +83,8 @@ def load_spec(path: str | Path, facts: str | None = None, n_facts: int | None = 
               batch_sizes: Sequence[int] | None = None, name: str | None = None) -> StudySpec:
     """Read and expand ``path`` with the command line's overrides."""
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such study spec (the shipped ones are in studies/)")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
