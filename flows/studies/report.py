@@ -28,7 +28,7 @@ import pandas as pd
 from sqlalchemy import Engine
 
 from db.history import metrics_frame
-from db.studies import ArmInfo, arm_batches_frame, arm_scores_frame, find_study, study_arms, v_star_counts
+from db.studies import ArmInfo, arm_batches_frame, arm_scores_frame, find_study, study_arms
 from editing.evaluation.intervals import (Interval, binary_sample, bootstrap_interval, harmonic_of_means,
                                           paired_difference)
 from flows.studies.independent import batches_of
@@ -137,8 +137,9 @@ def study_summary(engine: Engine, name: str) -> dict[str, Any]:
     study_id, spec, source = find_study(engine, name)
     arms = study_arms(engine, study_id)
     summaries = [arm_summary(engine, arm) for arm in arms]
-    v_star: dict[str, Any] = v_star_counts(engine, [arm.id for arm in arms])
-    seconds = sum(arm["timings"]["v_star"] for arm in summaries if "timings" in arm)
+    independent = [arm for arm in summaries if arm["mode"] == "independent"]
+    v_star: dict[str, Any] = {name: sum(arm["v_star"][name] for arm in independent) for name in ("computed", "reused")}
+    seconds = sum(arm["timings"]["v_star"] for arm in independent)
     v_star["seconds"] = seconds
     # estimated: each reused v* would have cost the mean time of those computed (batched as they were)
     v_star["seconds_saved"] = seconds / v_star["computed"] * v_star["reused"] if v_star["computed"] else 0.0

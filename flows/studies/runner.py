@@ -18,7 +18,6 @@ import logging
 import os
 import socket
 import time
-from pathlib import Path
 from typing import Any
 
 from prefect import flow
@@ -40,20 +39,11 @@ ARM_FLOW = "study-arm"
 FINISHED_STATES = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 
 
-def facts_path(facts: FactsSpec) -> Path:
-    """The spec's fact file: a path as given, else a dataset of the catalog (mirror → bundle → hub)."""
-    from editing.data import resolve
-    from editing.data.catalog import catalog
-
-    path = Path(facts.file).expanduser()
-    if path.exists() or facts.file not in catalog():
-        return path
-    return resolve(facts.file).path
-
-
 def ingest_study_facts(engine: Engine, facts: FactsSpec) -> str:
     """Records ``[start, stop)`` of the spec's file under the source :meth:`FactsSpec.source_name` (idempotent)."""
-    records = itertools.islice(read_records(facts_path(facts)), facts.start, facts.stop)
+    from flows.commands.ingest import fact_source_path  # PATH|DATASET, as `seqedit ingest` reads it
+
+    records = itertools.islice(read_records(fact_source_path(facts.file)[0]), facts.start, facts.stop)
     summary = ingest_records(engine, records, facts.source_name())
     if summary.records and summary.accepted + summary.unchanged == 0:
         raise ValueError(f"facts: no valid record in {facts.file} [{facts.start}:{facts.stop}] "
