@@ -5,16 +5,19 @@ For each batch size B, on the first B facts of ``--data``:
 * **naive**: the reference's v* (MEMIT/UME ``compute_z``, 25 steps, the bare
   prompt and 5 prefixes of 10 tokens, whole-model passes, one fact at a time;
   ``bench/naive_reference.py``), then the same solve as the engine's;
-* **engine**: ``Editor.apply`` with the model's tuned hyperparameters (only the
-  blocks above the edit layer per step, rewrite and KL rows batched over facts,
-  early stopping per fact).
+* **engine**: ``Editor.apply`` (only the blocks above the edit layer per step,
+  rewrite and KL rows batched over facts, early stopping per fact), once per
+  *variant* of the v* settings: by default the model's hyperparameters
+  (``hparams``) and the references' optimiser, Adam for 25 steps (``adam-25``);
+  ``--variant NAME=JSON`` adds dotted overrides (``values.optimizer``, …).
 
 Both edit the same facts from the same model state with the same objective, and
 ES/PS/NS are measured after each, so the speed-up is reported next to what
 it costs in quality. The naive rate does not depend on B, so it is measured
 once, on the facts of the largest B not above ``--naive-facts``.
 
-    python bench/edit_throughput.py --sizes 1,8,32,128 --naive-facts 32
+    python bench/edit_throughput.py --sizes 1,16,64 --naive-facts 16
+    python bench/edit_throughput.py --sizes 16 --variant 'lbfgs-8={"values.optimizer": "lbfgs", "values.steps": 8}'
 """
 
 from __future__ import annotations
@@ -44,6 +47,20 @@ T = TypeVar("T")
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "counterfact"
 TRAIN = DATA / "counterfact-easyedit-train.json"
 QUALITY = ("es", "ps", "ns")
+ADAM_25 = {"values.optimizer": "adam", "values.lr": 0.5, "values.steps": 25, "values.nll_threshold": None}
+"""The references' v* optimiser (MEMIT/UME ``compute_z``: Adam, lr 0.5, 25 steps, the loss threshold only)."""
+
+
+def variant(text: str) -> tuple[str, dict]:
+    """``NAME=JSON``: a named set of dotted edit overrides."""
+    name, _, overrides = text.partition("=")
+    try:
+        parsed = json.loads(overrides)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"--variant {name}: not a JSON object ({error})") from None
+    if not name or not isinstance(parsed, dict):
+        raise argparse.ArgumentTypeError("--variant is NAME={JSON object of dotted overrides}")
+    return name, parsed
 
 
 class PeakMemory:
@@ -99,8 +116,11 @@ def main() -> int:
     parser.add_argument("--naive-facts", type=int, default=32, help="facts the naive loop edits (largest B ≤ this)")
     parser.add_argument("--model", default=None)
     parser.add_argument("--device", default=None)
+    parser.add_argument("--variant", type=variant, action="append", default=[],
+                        help="NAME=JSON overrides of the v* settings, measured besides hparams and adam-25")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    variants = {"hparams": {}, "adam-25": ADAM_25, **dict(args.variant)}
 
     runtime = Runtime(device=args.device)
     threads = runtime.apply_threads()
@@ -110,6 +130,8 @@ def main() -> int:
     records = json.loads(args.data.read_text())[args.offset:args.offset + max(sizes)]
     all_facts = [fact_from_record(record, args.offset + i) for i, record in enumerate(records)]
     editor = Editor.prepare(adapter, config, runtime=runtime)
+    editors = {name: Editor.prepare(adapter, load_edit_config(hparams_key_for(adapter.name), args.algo, overrides),
+                                    prefixes=editor.prefixes, runtime=runtime) for name, overrides in variants.items()}
     original = adapter.snapshot(list(editor.layers))
     device = adapter.device
 
@@ -119,25 +141,26 @@ def main() -> int:
     rows = []
     for size in sizes:
         facts = all_facts[:size]
-        adapter.restore(original)
-        edit, seconds, peak = timed(device, lambda: editor.apply(facts))
-        quality = counterfact_metrics(adapter, facts).metrics()
-        row = {"batch_size": size, "engine_facts_per_s": size / seconds, "engine_v_star_facts_per_s":
-               size / edit.seconds["v_star"], "naive_facts_per_s": naive["facts_per_s"],
-               "speedup": (size / seconds) / naive["facts_per_s"],
-               "engine_steps_mean": float(edit.v_star.steps.float().mean()),
-               "engine_stop_reasons": {r: edit.v_star.stop_reasons.count(r) for r in set(edit.v_star.stop_reasons)},
-               "engine_peak_mib": peak / 2**20, **{f"engine_{k}": quality.get(k) for k in QUALITY}}
-        if size == naive_size:
-            row.update({f"naive_{k}": naive["quality"].get(k) for k in QUALITY})
-        rows.append(row)
-        if not args.json:
-            both = (f"  |  ES/PS/NS engine {_q(quality)}  naive {_q(naive['quality'])}" if size == naive_size else
-                    f"  |  ES/PS/NS engine {_q(quality)}")
-            print(f"B={size:4d}  engine {row['engine_facts_per_s']:7.3f} facts/s "
-                  f"(v* steps {row['engine_steps_mean']:.1f}) "
-                  f"vs naive {naive['facts_per_s']:7.3f} facts/s: x{row['speedup']:.1f}{both}  "
-                  f"peak {row['engine_peak_mib']:.0f} MiB", flush=True)
+        for name, engine in editors.items():
+            adapter.restore(original)
+            edit, seconds, peak = timed(device, lambda: engine.apply(facts))
+            quality = counterfact_metrics(adapter, facts).metrics()
+            row = {"batch_size": size, "variant": name, "values": variants[name],
+                   "engine_facts_per_s": size / seconds, "engine_v_star_facts_per_s": size / edit.seconds["v_star"],
+                   "naive_facts_per_s": naive["facts_per_s"], "speedup": (size / seconds) / naive["facts_per_s"],
+                   "engine_steps_mean": float(edit.v_star.steps.float().mean()),
+                   "engine_v_star_nll": float(edit.v_star.final_nll.mean()),
+                   "engine_stop_reasons": {r: edit.v_star.stop_reasons.count(r) for r in set(edit.v_star.stop_reasons)},
+                   "engine_peak_mib": peak / 2**20, **{f"engine_{k}": quality.get(k) for k in QUALITY}}
+            if size == naive_size:
+                row.update({f"naive_{k}": naive["quality"].get(k) for k in QUALITY})
+            rows.append(row)
+            if not args.json:
+                both = f"  naive {_q(naive['quality'])}" if size == naive_size else ""
+                print(f"B={size:4d} {name:>10s}  {row['engine_facts_per_s']:7.3f} facts/s "
+                      f"(v* steps {row['engine_steps_mean']:4.1f}, NLL {row['engine_v_star_nll']:.3f}) "
+                      f"vs naive {naive['facts_per_s']:7.3f} facts/s: x{row['speedup']:5.1f}  |  ES/PS/NS "
+                      f"{_q(quality)}{both}  peak {row['engine_peak_mib']:.0f} MiB", flush=True)
     adapter.restore(original)
     summary = {"device": str(device), "threads": threads, "algorithm": args.algo, "layers": list(editor.layers),
                "naive": {k: v for k, v in naive.items() if k != "z"}, "naive_facts": naive_size, "rows": rows}

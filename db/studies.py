@@ -178,6 +178,20 @@ def arm_batches_frame(engine: Engine, arm_id: int) -> pd.DataFrame:
                             columns=["seq", "n_facts", "timings", "diagnostics"])
 
 
+def arm_v_star_frame(engine: Engine, arm_id: int, v_star_key: str) -> pd.DataFrame:
+    """One row per scored fact of an independent arm whose v* the cache holds under the arm's key: ``fact_id``,
+    ``steps``, ``final_nll``, ``stop_reason`` — how the optimisation went for the facts the arm's scores describe,
+    whichever arm computed them."""
+    scored = (select(ArmFactScore.fact_id).join(ArmBatchRecord, ArmFactScore.arm_batch_id == ArmBatchRecord.id)
+              .where(ArmBatchRecord.arm_id == arm_id))
+    query = (select(VStarEntry.fact_id, VStarEntry.steps, VStarEntry.final_nll, VStarEntry.stop_reason)
+             .where(VStarEntry.ingredients_key == v_star_key, VStarEntry.fact_id.in_(scored))
+             .order_by(VStarEntry.fact_id))
+    with engine.connect() as connection:
+        return pd.DataFrame(connection.execute(query).mappings().all(),
+                            columns=["fact_id", "steps", "final_nll", "stop_reason"])
+
+
 # -- the v* cache ---------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class CachedVStar:

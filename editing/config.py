@@ -52,19 +52,29 @@ class ObjectiveParams:
 
 
 NORM_ANCHORS = ("residual", "mlp_output")
+OPTIMIZERS = ("adam", "lbfgs")
 
 
 @dataclass(frozen=True)
 class ValueParams:
-    """The v* optimisation: Adam on one residual delta per fact."""
+    """The v* optimisation: one residual delta per fact, minimising one loss (editing.v_star)."""
 
+    optimizer: str = "adam"
+    """How δ moves between evaluations (:mod:`editing.delta_search`): ``adam`` (the references') or
+    ``lbfgs`` (quasi-Newton with a line search). Both minimise the same loss under the same clamp."""
     lr: float = 0.5
+    """Adam's step; for ``lbfgs`` the first trial's per-coordinate length (its first step is as long as Adam's)."""
     steps: int = 25
+    """Evaluations of the loss (forward/backward passes) a fact may take part in."""
     clamp_norm_factor: float = 4.0
     kl_factor: float = 0.0625
     weight_decay: float = 1e-3
     loss_threshold: float = 0.05
-    """A fact stops optimising once its loss (NLL + KL + decay terms) falls below this."""
+    """A fact stops optimising once its loss (NLL + KL + decay terms) falls below this (the references' rule)."""
+    nll_threshold: float | None = None
+    """A fact also stops once its mean target NLL alone falls below this (None: off). The KL and decay terms
+    keep the whole loss above ``loss_threshold`` for most facts, so the references' rule rarely stops a
+    fact before the step budget; the NLL is what decides whether the edit is written."""
     mpes_extra_steps: int | None = None
     """Most-probable early stopping (ENCORE's MPES): a fact also stops once its target's first token has
     been the argmax on all its prompts at ``1 + mpes_extra_steps`` evaluations (cumulative, as in the
@@ -90,6 +100,10 @@ class ValueParams:
     def __post_init__(self) -> None:
         if self.mpes_extra_steps is not None and self.mpes_extra_steps < 0:
             raise ValueError(f"values.mpes_extra_steps must be None or >= 0, got {self.mpes_extra_steps}")
+        if self.nll_threshold is not None and self.nll_threshold <= 0:
+            raise ValueError(f"values.nll_threshold must be None or > 0, got {self.nll_threshold}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"values.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.norm_anchor not in NORM_ANCHORS:
             raise ValueError(f"values.norm_anchor must be one of {NORM_ANCHORS}, got {self.norm_anchor!r}")
 

@@ -6,14 +6,15 @@ prompt and ``δ`` minimises, per fact (docs/math.md, "k* and v*"),
   ``L(δ) = mean_j NLL(target_new | prefix_j + prompt) + kl_factor · KL(P_δ ‖ P) on "{subject} is a"
   + weight_decay · ‖δ‖ / ‖v_orig‖²``
 
-with Adam, projecting ``‖δ‖ ≤ clamp_norm_factor · ‖v_orig‖`` after each step and freezing a
-fact once its loss is below ``loss_threshold``. ``v_orig`` is the residual ``h``
+under ``‖δ‖ ≤ clamp_norm_factor · ‖v_orig‖``, with the optimiser of ``values.optimizer``
+(:mod:`editing.delta_search`: Adam projected after each step, the references', or L-BFGS with a
+line search), freezing a fact once its loss is below ``loss_threshold``. ``v_orig`` is the residual ``h``
 (MEMIT/EMMET) or the MLP output (ROME), per :attr:`ValueParams.norm_anchor`. The KL
 distribution is read at the last subject token of the KL prompt, where δ is injected, as
 the references do.
 
-All facts are optimised in one loop: every fact has its own δ (a separate Adam parameter,
-so its trajectory is exactly the one it would have alone), the rows of all facts share each
+All facts are optimised in one loop: every fact has its own δ and its own optimiser state
+(so its trajectory is exactly the one it would have alone), the rows of all facts share each
 forward/backward pass, and a fact that has converged drops out of the batch (its loss
 below ``loss_threshold``, or, with ``mpes_extra_steps``, its target the most probable
 continuation on all its prompts). Rows are processed in chunks, each chunk back-propagating
@@ -37,6 +38,7 @@ from typing import NamedTuple
 import torch
 
 from editing.config import ValueParams
+from editing.delta_search import make_search
 from editing.evaluation.scoring import log_probs_at
 from editing.facts import Fact
 from editing.models.adapter import ModelAdapter
@@ -47,8 +49,8 @@ from editing.upper_stack import UpperStack
 log = logging.getLogger(__name__)
 
 
-STOP_REASONS = ("loss", "most_probable", "steps")
-"""Why a fact's optimisation ended: its loss fell below ``loss_threshold``; its target's first token was
+STOP_REASONS = ("loss", "nll", "most_probable", "steps")
+"""Why a fact's optimisation ended: its loss fell below ``loss_threshold``; its NLL below ``nll_threshold``; its target's first token was
 the most probable on all its prompts for ``1 + mpes_extra_steps`` evaluations (ENCORE's MPES); or the
 step budget ran out."""
 
@@ -64,6 +66,8 @@ class VStar:
     final_nll: torch.Tensor
     steps: torch.Tensor
     """Forward passes each fact took part in."""
+    final_loss: torch.Tensor | None = None
+    """The whole loss (NLL + KL + decay) at each fact's result: what the optimiser minimised."""
     stop_reasons: tuple[str, ...] = ()
     """One of :data:`STOP_REASONS` per fact."""
 
@@ -91,8 +95,7 @@ def compute_v_star(adapter: ModelAdapter, facts: list[Fact], layer: int, prefixe
     anchor_norm = v_orig.norm(dim=1)                                                      # (B,)
     max_norm = params.clamp_norm_factor * anchor_norm
 
-    deltas = [torch.zeros(h.shape[1], device=adapter.device, requires_grad=True) for _ in facts]
-    optimizer = torch.optim.Adam(deltas, lr=params.lr)
+    search = make_search(params.optimizer, n_facts, h.shape[1], max_norm, params.lr, adapter.device)
     state = _Progress(n_facts)
     kl_reference: dict[int, torch.Tensor] = {}
 
@@ -103,30 +106,25 @@ def compute_v_star(adapter: ModelAdapter, facts: list[Fact], layer: int, prefixe
         with stack.active():
             for step in range(params.steps):
                 facts_now = state.active.nonzero().flatten()
-                optimizer.zero_grad(set_to_none=True)
+                points = [search.point(i) for i in range(n_facts)]
                 with torch.autocast(adapter.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
-                    measured = _step(adapter, stack, rows, facts_now, deltas, anchor_norm, kl_reference, params,
+                    measured = _step(adapter, stack, rows, facts_now, points, anchor_norm, kl_reference, params,
                                      rows_per_chunk)
-                state.record(step, facts_now, measured, measured.loss(params), params)
+                loss = measured.loss(params)
+                kept = search.observe(facts_now.tolist(), loss)
+                state.record(step, facts_now, measured, loss, kept, params)
                 if not state.active.any() or step == params.steps - 1:
                     break
-                for i in facts_now[~state.active[facts_now]].tolist():
-                    deltas[i].grad = None
-                optimizer.step()
-                with torch.no_grad():
-                    for i in state.active.nonzero().flatten().tolist():
-                        norm = deltas[i].norm()
-                        if norm > max_norm[i]:
-                            deltas[i].mul_(max_norm[i] / norm)
+                search.advance(state.active.nonzero().flatten().tolist())
     finally:
         for parameter, flag in zip(adapter.model.parameters(), requires_grad):
             parameter.requires_grad_(flag)
-    delta = torch.stack([d.detach() for d in deltas]).float().cpu()
+    delta = search.result().float().cpu()
     log.info("v*: %d facts, mean NLL %.3f -> %.3f, %d steps at most, stopped by %s", n_facts,
              state.initial_nll.mean(), state.final_nll.mean(), int(state.steps.max()),
              {reason: state.reasons.count(reason) for reason in STOP_REASONS})
     return VStar(z=h.cpu() + delta, delta=delta, initial_nll=state.initial_nll, final_nll=state.final_nll,
-                 steps=state.steps, stop_reasons=tuple(state.reasons))
+                 steps=state.steps, final_loss=state.final_loss, stop_reasons=tuple(state.reasons))
 
 
 @dataclass
@@ -153,24 +151,30 @@ class _Progress:
         self.steps = torch.zeros(n_facts, dtype=torch.long)
         self.initial_nll = torch.zeros(n_facts)
         self.final_nll = torch.zeros(n_facts)
+        self.final_loss = torch.zeros(n_facts)
         self.most_probable_count = torch.zeros(n_facts, dtype=torch.long)
         self.reasons = ["steps"] * n_facts
 
-    def record(self, step: int, facts: torch.Tensor, measured: _Measured, loss: torch.Tensor,
+    def record(self, step: int, facts: torch.Tensor, measured: _Measured, loss: torch.Tensor, kept: torch.Tensor,
                params: ValueParams) -> None:
+        """Count the evaluation of ``facts``; the points their search ``kept`` become their results (a
+        rejected line-search trial changes nothing but the count), and may stop them."""
         self.steps[facts] += 1
-        self.final_nll[facts] = measured.nll
         if step == 0:
             self.initial_nll[facts] = measured.nll
-        self.most_probable_count[facts] += measured.most_probable.long()
-        converged = loss < params.loss_threshold
-        most_probable = torch.zeros_like(converged)
-        if params.mpes_extra_steps is not None:
-            most_probable = self.most_probable_count[facts] > params.mpes_extra_steps
-        for fact, by_loss, by_rank in zip(facts.tolist(), converged.tolist(), most_probable.tolist()):
-            if by_loss or by_rank:
+        facts, loss = facts[kept], loss[kept]
+        self.final_nll[facts] = measured.nll[kept]
+        self.final_loss[facts] = loss
+        self.most_probable_count[facts] += measured.most_probable[kept].long()
+        reasons = {"loss": loss < params.loss_threshold,
+                   "nll": measured.nll[kept] < (params.nll_threshold if params.nll_threshold is not None else 0.0),
+                   "most_probable": (self.most_probable_count[facts] > params.mpes_extra_steps
+                                     if params.mpes_extra_steps is not None else torch.zeros_like(loss, dtype=torch.bool))}
+        for k, fact in enumerate(facts.tolist()):
+            reason = next((name for name, met in reasons.items() if met[k]), None)
+            if reason is not None:
                 self.active[fact] = False
-                self.reasons[fact] = "loss" if by_loss else "most_probable"
+                self.reasons[fact] = reason
 
 
 class _ReadPlan(NamedTuple):

@@ -28,7 +28,7 @@ import pandas as pd
 from sqlalchemy import Engine
 
 from db.history import metrics_frame
-from db.studies import ArmInfo, arm_batches_frame, arm_scores_frame, find_study, study_arms
+from db.studies import ArmInfo, arm_batches_frame, arm_scores_frame, arm_v_star_frame, find_study, study_arms
 from editing.evaluation.intervals import (Interval, binary_sample, bootstrap_interval, harmonic_of_means,
                                           paired_difference)
 from flows.studies.independent import batches_of
@@ -74,6 +74,19 @@ def sequential_metrics(engine: Engine, run_id: int, seed: int, n_downstream: int
     return metrics, last
 
 
+def _v_star_quality(engine: Engine, arm: ArmInfo, seed: int) -> dict[str, Any]:
+    """The optimisation behind the arm's scores, per fact with intervals: steps (loss evaluations) and the final
+    target NLL — what an optimiser (``values.optimizer``) changes."""
+    if not arm.v_star_key:
+        return {}
+    frame = arm_v_star_frame(engine, arm.id, arm.v_star_key)
+    if frame.empty:
+        return {}
+    return {"steps": bootstrap_interval(frame["steps"].to_numpy(float), seed=seed).to_dict(),
+            "final_nll": bootstrap_interval(frame["final_nll"].to_numpy(float), seed=seed).to_dict(),
+            "stop_reasons": {str(k): int(v) for k, v in frame["stop_reason"].value_counts().items()}}
+
+
 def arm_summary(engine: Engine, arm: ArmInfo) -> dict[str, Any]:
     """One arm as ``seqedit study status|report --json`` gives it."""
     seed = int(arm.settings.get("seed", 0))
@@ -93,6 +106,9 @@ def arm_summary(engine: Engine, arm: ArmInfo) -> dict[str, Any]:
                            for name in ("computed", "reused")}
         entry["timings"] = {part: float(sum(t.get(part, 0.0) for t in batches["timings"]))
                             for part in ("v_star", "keys", "solve", "evaluate", "batch")}
+        entry["v_star"].update(_v_star_quality(engine, arm, seed))
+        if entry["v_star"]["computed"]:
+            entry["v_star"]["seconds_per_fact"] = entry["timings"]["v_star"] / entry["v_star"]["computed"]
     else:
         n_downstream = _n_downstream(arm)
         metrics, seq = sequential_metrics(engine, arm.run_id, seed, n_downstream) if arm.run_id else ({}, 0)
@@ -166,14 +182,15 @@ def markdown(summary: dict[str, Any]) -> str:
     if independent:
         lines += ["## Independent arms (each batch edited into the unedited model, scored, undone)", "",
                   "| arm | objective | layers | B | facts | " + " | ".join(m.upper() for m in INDEPENDENT_METRICS)
-                  + " | v* computed / reused | seconds |",
-                  "|---" * (6 + len(INDEPENDENT_METRICS) + 1) + "|"]
+                  + " | v* steps | v* NLL | v* computed / reused | seconds |",
+                  "|---" * (6 + len(INDEPENDENT_METRICS) + 3) + "|"]
         for arm in independent:
             settings = arm["settings"]
             layers = settings.get("edit_overrides", {}).get("layers", "–")
             lines.append(f"| {arm['name']} | {settings['algorithm']} | {layers} | {settings['batch_size']} | "
                          f"{arm['progress']['facts_scored']}/{arm['n_facts']} | "
                          + " | ".join(_cell(arm["metrics"].get(m)) for m in INDEPENDENT_METRICS)
+                         + f" | {_cell(arm['v_star'].get('steps'))} | {_cell(arm['v_star'].get('final_nll'))}"
                          + f" | {arm['v_star']['computed']} / {arm['v_star']['reused']} | "
                          f"{(arm['seconds'] or 0):.0f} |")
         lines.append("")

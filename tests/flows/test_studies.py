@@ -177,6 +177,35 @@ def test_v_star_is_computed_once_per_fact_and_the_reused_z_is_a_fresh_optimisati
         torch.testing.assert_close(kept[fact_id], fresh.z[row], rtol=1e-5, atol=1e-5)
 
 
+def test_a_batch_whose_v_star_fails_midway_keeps_the_optimisations_it_finished(prefect_server, tiny_model_folder,
+                                                                             ledger, tmp_path, monkeypatch):
+    """v* is kept in chunks of STORE_EVERY facts: a batch that dies in its third chunk has stored two."""
+    import flows.studies.v_star_reuse as reuse
+    url, engine = ledger
+    monkeypatch.setattr(reuse, "STORE_EVERY", 2)
+    optimise, calls = reuse.compute_v_star, []
+
+    def failing_third_time(*args, **kwargs):
+        calls.append(len(args[1]))
+        if len(calls) == 3:
+            raise RuntimeError("the machine went away")
+        return optimise(*args, **kwargs)
+
+    monkeypatch.setattr(reuse, "compute_v_star", failing_third_time)
+    spec = _write(tmp_path, _spec(tiny_model_folder, grid={"algorithm": ["memit"], "layers": [[1, 2]],
+                                                           "batch_size": [N_FACTS]}))
+    with pytest.raises(RuntimeError, match="the machine went away"):
+        main(["study", "run", str(spec), "--db", url])
+    assert calls == [2, 2, 2]
+    with engine.connect() as connection:
+        assert connection.scalar(select(func.count()).select_from(VStarEntry)) == 4
+    monkeypatch.setattr(reuse, "compute_v_star", optimise)
+    assert main(["study", "run", str(spec), "--db", url]) == 0
+    from db.studies import v_star_counts
+    (arm,) = study_arms(engine, find_study(engine, "tiny")[0])
+    assert v_star_counts(engine, [arm.id]) == {"computed": 2, "reused": 4}
+
+
 def test_a_study_killed_mid_arm_resumes_without_redoing_a_batch(prefect_server, tiny_model_folder, tmp_path):
     url = f"sqlite:///{tmp_path / 'ledger.db'}"
     upgrade(url)
