@@ -131,7 +131,8 @@ def main() -> int:
     all_facts = [fact_from_record(record, args.offset + i) for i, record in enumerate(records)]
     editor = Editor.prepare(adapter, config, runtime=runtime)
     editors = {name: Editor.prepare(adapter, load_edit_config(hparams_key_for(adapter.name), args.algo, overrides),
-                                    prefixes=editor.prefixes, runtime=runtime) for name, overrides in variants.items()}
+                                    prefixes=editor.prefixes, runtime=runtime) if overrides else editor
+               for name, overrides in variants.items()}
     original = adapter.snapshot(list(editor.layers))
     device = adapter.device
 

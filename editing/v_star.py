@@ -50,9 +50,9 @@ log = logging.getLogger(__name__)
 
 
 STOP_REASONS = ("loss", "nll", "most_probable", "steps")
-"""Why a fact's optimisation ended: its loss fell below ``loss_threshold``; its NLL below ``nll_threshold``; its target's first token was
-the most probable on all its prompts for ``1 + mpes_extra_steps`` evaluations (ENCORE's MPES); or the
-step budget ran out."""
+"""Why a fact's optimisation ended: its loss fell below ``loss_threshold``; its NLL below ``nll_threshold``;
+its target's first token was the most probable on all its prompts for ``1 + mpes_extra_steps`` evaluations
+(ENCORE's MPES); or the step budget ran out."""
 
 
 @dataclass
