@@ -33,6 +33,7 @@ from editing.facts import fact_from_record
 from editing.rows import build_rewrite_rows
 from editing.v_star import VStar, compute_v_star
 from editing.models import load_model
+from editing.norm_anchor import anchor_norm
 from editing.prefixes import generate_prefixes
 from editing.stats import second_moments
 from flows.commands.common import ALGORITHMS
@@ -74,7 +75,8 @@ def main() -> int:
         prefixes = prefix_cache[prefix_key]
         value_key = json.dumps([layers[-1], config.to_dict()["values"]])
         if value_key not in value_cache:
-            value_cache[value_key] = compute_v_star(adapter, facts, layers[-1], prefixes, config.values)
+            anchor = anchor_norm(adapter, layers[-1], config.values) if config.values.norm_anchor_scaling else None
+            value_cache[value_key] = compute_v_star(adapter, facts, layers[-1], prefixes, config.values, anchor=anchor)
         values_seconds = time.perf_counter() - started
         values = value_cache[value_key]
         rows = build_rewrite_rows(adapter, facts, prefixes, with_targets=False)
@@ -83,7 +85,7 @@ def main() -> int:
         updates = distribute(adapter, rows, values.z, layers, get_distribution(config.distribution), solver)
         solve_seconds = time.perf_counter() - started - values_seconds
         post = counterfact_metrics(adapter, facts).metrics()
-        norms = [round(float((u.delta.u @ u.delta.v.T).norm()), 2) for u in updates]
+        norms = [round(u.delta.norm(), 2) for u in updates]
         memorization = [round(u.memorization, 3) for u in updates]
         adapter.restore(original)
         print(f"{json.dumps(overrides):70s} {table_row(post)}  v*NLL {float(values.final_nll.mean()):.3f}  "

@@ -156,6 +156,7 @@ class FactRecord(Base):
     paraphrase_prompts: Mapped[list[str] | None] = mapped_column(JSON)
     neighborhood_prompts: Mapped[list[str] | None] = mapped_column(JSON)
     generation_prompts: Mapped[list[str] | None] = mapped_column(JSON)
+    neighborhood_answer: Mapped[str | None] = mapped_column(Text)
     rejection_reason: Mapped[str | None] = mapped_column(String(64))
     rejection_field: Mapped[str | None] = mapped_column(String(200))
     rejection_detail: Mapped[str | None] = mapped_column(Text)
@@ -488,6 +489,13 @@ class ArmFactScore(Base):
     pm: Mapped[float | None] = mapped_column(Float)
     nm: Mapped[float | None] = mapped_column(Float)
     ge: Mapped[float | None] = mapped_column(Float)
+    rewrite_acc: Mapped[float | None] = mapped_column(Float)
+    """Token accuracies under teacher forcing (zsRE's efficacy, generalisation, specificity)."""
+    rephrase_acc: Mapped[float | None] = mapped_column(Float)
+    locality_acc: Mapped[float | None] = mapped_column(Float)
+    wild_rewrite: Mapped[float | None] = mapped_column(Float)
+    """Exact match of the greedy answer (no teacher forcing) on the rewrite and rephrase prompts."""
+    wild_rephrase: Mapped[float | None] = mapped_column(Float)
 
 
 class VStarEntry(Base):

@@ -14,6 +14,7 @@ with the deltas is caught as well as a corrupted delta.
 from __future__ import annotations
 
 import hashlib
+from typing import Iterator
 
 import torch
 from sqlalchemy import Engine, and_, func, or_, select
@@ -25,6 +26,7 @@ from db.models import BatchRecord, BatchStatus, Checkpoint, WeightDelta
 from db.runs import load_run
 from db.tensors import delta_from_bytes, keys_from_bytes, weight_from_bytes
 from editing.delta import apply_delta, weight_sha256
+from editing.lyapunov import LyapunovQueue
 from editing.memory import Devices, EditMemory
 
 REPLAY_FETCH_ROWS = 8
@@ -124,10 +126,52 @@ def _nearest_checkpoint(session: Session, run_id: int, seq: int) -> tuple[int, d
     return start_seq, weights
 
 
-def edit_memory_at(engine: Engine, run_id: int, seq: int, devices: Devices = "cpu") -> EditMemory:
+def replay_history(engine: Engine, run_id: int, seq: int) -> Iterator[tuple[int, dict[int, torch.Tensor],
+                                                                         dict[int, torch.Tensor]]]:
+    """Each applied batch ``1..seq`` in order: its seq, the edited layers' weights right after it (replayed from
+    the origin, each changed layer checked against its recorded sha256) and its keys per layer — the history a
+    state that depends on every intermediate weight (LyapLock's queue) is rebuilt from."""
+    weights = weights_at(engine, run_id, 0)
+    with transaction(engine) as session:
+        load_run(session, run_id)
+        _require_applied(session, run_id, seq)
+        rows = session.execute(
+            select(BatchRecord.seq, WeightDelta.layer, WeightDelta.factors, WeightDelta.keys, WeightDelta.sha256_after)
+            .join(BatchRecord, WeightDelta.batch_id == BatchRecord.id)
+            .where(BatchRecord.run_id == run_id, BatchRecord.status == BatchStatus.APPLIED, BatchRecord.seq <= seq)
+            .order_by(BatchRecord.seq, WeightDelta.layer)
+            .execution_options(yield_per=REPLAY_FETCH_ROWS)).tuples()
+        batch_seq, batch_keys = None, {}
+        for row_seq, layer, factors, keys, sha in rows:
+            if row_seq != batch_seq and batch_keys:
+                yield batch_seq, weights, batch_keys
+                batch_keys = {}
+            batch_seq = row_seq
+            apply_delta(weights[layer], delta_from_bytes(factors))
+            if weight_sha256(weights[layer]) != sha:
+                raise LedgerIntegrityError(f"run {run_id}: layer {layer} replayed through batch {row_seq} does not "
+                                           f"match its recorded sha256 {sha}")
+            if keys is None:
+                raise LedgerIntegrityError(f"run {run_id}: batch {row_seq} has no keys stored for layer {layer}")
+            batch_keys[layer] = keys_from_bytes(keys)
+        if batch_keys:
+            yield batch_seq, weights, batch_keys
+
+
+def lyapunov_at(engine: Engine, run_id: int, seq: int, queue: LyapunovQueue) -> LyapunovQueue:
+    """LyapLock's queue after applied batch ``seq``: ``queue`` (empty, :meth:`LyapunovQueue.empty`) fed every
+    applied batch's weights and keys in order, as the live run fed it."""
+    for _, weights, keys in replay_history(engine, run_id, seq):
+        queue.add(weights, keys)
+    return queue
+
+
+def edit_memory_at(engine: Engine, run_id: int, seq: int, devices: Devices = "cpu",
+                   memory: EditMemory | None = None) -> EditMemory:
     """The run's edit memory after applied batch ``seq``: ``S = Σ K_p K_pᵀ`` per layer over batches
     ``1..seq``, in batch order, from the stored keys (each checked against its sha256) — the sum the live
-    run computed, bit for bit. Batches rolled back are not in it."""
+    run computed, bit for bit. Batches rolled back are not in it. ``memory`` is the empty memory to fill
+    (:meth:`EditMemory.empty`: one that also keeps RLSEdit's running inverses); a plain one by default."""
     with transaction(engine) as session:
         load_run(session, run_id)
         _require_applied(session, run_id, seq)
@@ -137,7 +181,7 @@ def edit_memory_at(engine: Engine, run_id: int, seq: int, devices: Devices = "cp
             .where(BatchRecord.run_id == run_id, BatchRecord.status == BatchStatus.APPLIED, BatchRecord.seq <= seq)
             .order_by(BatchRecord.seq, WeightDelta.layer)
             .execution_options(yield_per=REPLAY_FETCH_ROWS)).tuples()
-        memory = EditMemory()
+        memory = EditMemory() if memory is None else memory
         batch_seq, batch_keys = None, {}
         for row_seq, layer, blob, sha in rows:
             if row_seq != batch_seq and batch_keys:

@@ -22,7 +22,8 @@ from db.models import (ArmBatchRecord, ArmFactScore, FactRecord, FactStatus, Stu
                        StudyStatus, VStarEntry, utcnow)
 from editing.facts import Fact
 
-SCORE_NAMES = ("es", "ps", "ns", "em", "pm", "nm", "ge")
+SCORE_NAMES = ("es", "ps", "ns", "em", "pm", "nm", "ge", "rewrite_acc", "rephrase_acc", "locality_acc",
+               "wild_rewrite", "wild_rephrase")
 """The per-fact scores an independent arm keeps (:class:`db.models.ArmFactScore`)."""
 
 

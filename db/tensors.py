@@ -12,7 +12,7 @@ from typing import Mapping
 import torch
 from safetensors.torch import load, save
 
-from editing.delta import LowRankDelta
+from editing.delta import DenseDelta, LowRankDelta, WeightDelta
 
 
 def tensors_to_bytes(tensors: Mapping[str, torch.Tensor]) -> bytes:
@@ -25,12 +25,17 @@ def tensors_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
     return load(bytes(data))
 
 
-def delta_to_bytes(delta: LowRankDelta) -> bytes:
+def delta_to_bytes(delta: WeightDelta) -> bytes:
+    """Factors as ``u``/``v``, a dense delta as ``dense``."""
+    if isinstance(delta, DenseDelta):
+        return tensors_to_bytes({"dense": delta.matrix})
     return tensors_to_bytes({"u": delta.u, "v": delta.v})
 
 
-def delta_from_bytes(data: bytes) -> LowRankDelta:
+def delta_from_bytes(data: bytes) -> WeightDelta:
     tensors = tensors_from_bytes(data)
+    if "dense" in tensors:
+        return DenseDelta(tensors["dense"])
     return LowRankDelta(tensors["u"], tensors["v"])
 
 

@@ -21,12 +21,14 @@ from typing import Callable, Mapping
 import torch
 
 from editing.config import ObjectiveParams
-from editing.delta import LowRankDelta, apply_delta
+from editing.delta import WeightDelta, apply_delta
 from editing.keys import compute_keys
 from editing.rows import RewriteRows
+from editing.lyapunov import LyapunovQueue
 from editing.memory import EditMemory
 from editing.models.adapter import ModelAdapter
 from editing.objectives import memorization, solve
+from editing.update_steps import rect
 
 
 class EditDistribution(ABC):
@@ -82,7 +84,7 @@ def get_distribution(name: str) -> EditDistribution:
 @dataclass
 class LayerUpdate:
     layer: int
-    delta: LowRankDelta
+    delta: WeightDelta
     memorization: float
     """Share of the assigned residual the update writes: ``1 − ‖ΔW K_E − R‖ / ‖R‖`` (1: exact)."""
     keys: torch.Tensor
@@ -93,7 +95,8 @@ class LayerUpdate:
 class LayerSolver:
     """Everything a layer's solve needs besides the batch: the objective, its weights, the preserved
     keys' statistics per layer, the dtype the linear algebra runs in (float64 by default, whatever the
-    model's dtype), and — for the objectives that use them — the run's edit memory and ``C0``'s null spaces."""
+    model's dtype), and — for the objectives that use them — the run's edit memory, ``C0``'s null spaces and
+    LyapLock's queue."""
 
     algorithm: str
     params: ObjectiveParams
@@ -101,13 +104,22 @@ class LayerSolver:
     dtype: torch.dtype = torch.float64
     memory: EditMemory | None = None
     null_spaces: Mapping[int, torch.Tensor] | None = None
+    lyapunov: LyapunovQueue | None = None
 
-    def solve(self, layer: int, k_e: torch.Tensor, residual: torch.Tensor) -> LowRankDelta:
-        """``ΔW`` of ``layer`` for keys ``K_E`` (d_in×B) and residual ``R`` (d_out×B), on their device."""
+    def solve(self, layer: int, k_e: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor) -> WeightDelta:
+        """``ΔW`` of ``layer`` for keys ``K_E`` (d_in×B) and residual ``R`` (d_out×B), on their device, after
+        the configured post-update step (:mod:`editing.update_steps`) against the layer's current ``weight``."""
         memory = self.memory.at(layer) if self.memory is not None else None
+        inverse = self.memory.inverse_at(layer) if self.memory is not None else None
         null_space = self.null_spaces[layer] if self.null_spaces is not None else None
-        return solve(self.algorithm, self.second_moments[layer], k_e, residual, self.params, dtype=self.dtype,
-                     edit_memory=None if memory is None else memory.to(k_e.device), null_space=null_space)
+        terms = (self.lyapunov.terms(layer, weight, memory, self.params.mom2_update_weight)
+                 if self.lyapunov is not None else None)
+        delta = solve(self.algorithm, self.second_moments[layer], k_e, residual, self.params, dtype=self.dtype,
+                      edit_memory=None if memory is None else memory.to(k_e.device), null_space=null_space,
+                      running_inverse=None if inverse is None else inverse.to(k_e.device), lyapunov=terms)
+        if self.params.rect_keep_fraction is not None:
+            delta = rect(delta, weight, self.params.rect_keep_fraction)
+        return delta
 
 
 def distribute(adapter: ModelAdapter, rows: RewriteRows, z: torch.Tensor, layers: tuple[int, ...],
@@ -133,7 +145,7 @@ def distribute(adapter: ModelAdapter, rows: RewriteRows, z: torch.Tensor, layers
         weight = adapter.weight(layer)                                                                  # (d, d_in)
         k_e = keys.T.to(weight.device, solver.dtype)                                                    # (d_in, B)
         r = residual.T.to(weight.device, solver.dtype)                                                  # (d, B)
-        delta = solver.solve(layer, k_e, r)
+        delta = solver.solve(layer, k_e, r, weight)
         apply_delta(weight, delta)
         update = LayerUpdate(layer, delta, memorization(k_e, r, delta), keys.T.contiguous())
         updates.append(update)

@@ -26,7 +26,9 @@ from editing.models.adapter import ModelAdapter
 from editing.objectives import get_objective
 from editing.prefixes import generate_prefixes
 from editing.runtime import Runtime
+from editing.lyapunov import LyapunovQueue
 from editing.memory import EditMemory
+from editing.norm_anchor import anchor_norm
 from editing.stats import null_space_bases, second_moments
 
 log = logging.getLogger(__name__)
@@ -59,7 +61,8 @@ class BatchEdit:
         """What the ledger keeps with the batch to audit the edit's quality (JSON-serialisable)."""
         return {"memorization": {str(layer): value for layer, value in self.memorization.items()},
                 "v_star_final_nll": float(self.v_star.final_nll.mean()),
-                "v_star_steps_max": int(self.v_star.steps.max())}
+                "v_star_steps_max": int(self.v_star.steps.max()),
+                **({} if self.v_star.dropped is None else {"nas_dropped": int(self.v_star.dropped.sum())})}
 
 
 class Editor:
@@ -81,21 +84,40 @@ class Editor:
         adapter.check_resident(self.layers)  # an offloaded layer (device_map) has no weights to write into
         if self.objective.needs_null_space and null_spaces is None:
             raise ValueError(f"{config.algorithm} needs the null spaces of C0 (Editor.prepare computes them)")
-        if memory is None and self.objective.uses_edit_memory(config.objective):
-            memory = EditMemory()
         # Each layer is solved on its own device — the one its matrix is on, which differs between layers
         # of a model dispatched over several (device_map): a 1536² (SmolLM2) or 11008² (Llama-2-7b) system
         # in float64.
         moments = {layer: c0.to(adapter.weight(layer).device) for layer, c0 in second_moments.items()}
+        if memory is None and self.objective.uses_edit_memory(config.objective):
+            memory = EditMemory(self._inverse_bases(moments))
         if null_spaces is not None:
             null_spaces = {layer: basis.to(adapter.weight(layer).device) for layer, basis in null_spaces.items()}
+        lyapunov = None
+        if self.objective.needs_lyapunov:
+            originals = {layer: w.to(adapter.weight(layer).device)
+                         for layer, w in adapter.original_weights(self.layers).items()}
+            lyapunov = LyapunovQueue(config.objective.lyaplock_alpha, originals,
+                                     {layer: moments[layer] for layer in self.layers})
         self.solver = LayerSolver(config.algorithm, config.objective, moments, self.runtime.solve_torch_dtype,
-                                  memory, null_spaces)
+                                  memory, null_spaces, lyapunov)
         self.prefixes = prefixes
+        self.norm_anchor = (anchor_norm(adapter, self.layers[-1], config.values)
+                            if config.values.norm_anchor_scaling else None)
+        """NAS's anchor norm ``A`` at the last edit layer (None without ``values.norm_anchor_scaling``): a
+        property of the unedited model, computed once and cached (:mod:`editing.norm_anchor`)."""
         self.prepare_seconds: dict[str, float] = {}
         """Time :meth:`prepare` spent on the statistics (``stats``) and on generating prefixes (``prefixes``)."""
         for layer in self.layers:
             adapter.block(layer)  # validates the layer index
+
+    def _inverse_bases(self, moments: dict[int, torch.Tensor]) -> dict[int, torch.Tensor] | None:
+        """``A0 = λ C0 + μ I`` per layer (float64) for an objective that keeps the running inverse, else None."""
+        if not self.objective.needs_running_inverse:
+            return None
+        params = self.config.objective
+        return {layer: params.mom2_update_weight * c0.double()
+                + params.update_norm_lambda * torch.eye(c0.shape[0], dtype=torch.float64, device=c0.device)
+                for layer, c0 in moments.items() if layer in self.layers}
 
     @classmethod
     def prepare(cls, adapter: ModelAdapter, config: EditConfig, prefixes: tuple[str, ...] | None = None,
@@ -118,18 +140,26 @@ class Editor:
         """The edit memory the objective reads (None when it reads none)."""
         return self.solver.memory
 
+    @property
+    def lyapunov(self) -> LyapunovQueue | None:
+        """LyapLock's virtual queue (None for the other objectives)."""
+        return self.solver.lyapunov
+
     def memory_devices(self) -> dict[int, torch.device]:
         """Where each layer's edit memory lives: with the layer's weight, where it is solved."""
         return self.adapter.layer_devices(self.layers)
 
     def remember(self, edit: BatchEdit) -> None:
-        """Add an applied (and, in a run, committed) batch's keys to the edit memory, if there is one.
+        """Add an applied (and, in a run, committed) batch's keys to the edit memory, if there is one, and the
+        batch to LyapLock's queue.
 
         Separate from :meth:`apply` so that a batch whose ledger commit fails leaves the
         memory as untouched as the weights.
         """
         if self.solver.memory is not None:
             self.solver.memory.add(edit.keys, self.memory_devices())
+        if self.solver.lyapunov is not None:
+            self.solver.lyapunov.add({layer: self.adapter.weight(layer) for layer in self.layers}, edit.keys)
 
     def check_batch(self, facts: list[Fact]) -> None:
         """Reject a batch the objective cannot take before anything is computed."""
@@ -156,7 +186,7 @@ class Editor:
     def compute_v_star(self, facts: list[Fact]) -> VStar:
         """The batch's v* at the last edit layer, on the model as it is now."""
         return compute_v_star(self.adapter, facts, self.layers[-1], self.prefixes, self.config.values,
-                              autocast=self.runtime.autocast_dtype)
+                              autocast=self.runtime.autocast_dtype, anchor=self.norm_anchor)
 
     def _apply(self, facts: list[Fact], on_layer: Callable[[LayerUpdate], None] | None,
                targets: Callable[[list[Fact]], VStar]) -> BatchEdit:

@@ -3,7 +3,7 @@
 A *fact* is a requested rewrite: in ``prompt.format(subject)`` the model should
 continue with ``target_new`` instead of ``target_true``. Records arrive in two
 public schemas (the full ROME/MEMIT CounterFact schema and EasyEdit's reduced
-one) and as flat rows (CSV/JSONL); :func:`fact_from_record` turns any of them
+one), in MEND's zsRE schema and as flat rows (CSV/JSONL); :func:`fact_from_record` turns any of them
 into one validated :class:`Fact` or raises :class:`FactValidationError` naming
 the record and the field, so that bad input is rejected before anything is
 edited or stored.
@@ -56,6 +56,14 @@ class Fact:
     paraphrase_prompts: tuple[str, ...] = ()
     neighborhood_prompts: tuple[str, ...] = ()
     generation_prompts: tuple[str, ...] = ()
+    neighborhood_answer: str | None = None
+    """What the neighbourhood prompts should still be answered with: zsRE's ``loc_ans``, EasyEdit's
+    ``locality_ground_truth``; None means ``target_true`` (CounterFact's neighbours share the true object)."""
+
+    @property
+    def locality_target(self) -> str:
+        """The answer the neighbourhood prompts are scored against."""
+        return self.neighborhood_answer if self.neighborhood_answer is not None else self.target_true
 
     @property
     def rewrite_prompt(self) -> str:
@@ -97,6 +105,7 @@ class Fact:
             paraphrase_prompts=tuple(data.get("paraphrase_prompts") or ()),
             neighborhood_prompts=tuple(data.get("neighborhood_prompts") or ()),
             generation_prompts=tuple(data.get("generation_prompts") or ()),
+            neighborhood_answer=data.get("neighborhood_answer"),
         )
 
 
@@ -118,6 +127,8 @@ def fact_from_record(record: Mapping[str, Any], where: str | int | None = None) 
         fields = _from_full_schema(record)
     elif "ground_truth" in record:
         fields = _from_reduced_schema(record, label)
+    elif "src" in record and "alt" in record:
+        fields = _from_zsre_schema(record, label)
     else:
         fields = _from_flat_schema(record, label)
     return _validated(fields, label)
@@ -186,6 +197,31 @@ def _from_reduced_schema(record: Mapping[str, Any], label: str) -> dict[str, Any
         "paraphrase_prompts": record.get("rephrase_prompt"),
         "neighborhood_prompts": record.get("locality_prompt"),
         "generation_prompts": record.get("generation_prompts"),
+        "neighborhood_answer": record.get("locality_ground_truth"),
+    }
+
+
+def _from_zsre_schema(record: Mapping[str, Any], label: str) -> dict[str, Any]:
+    """MEND's zsRE schema (``src`` question, ``alt`` new answer, ``answers``, ``rephrase``, ``loc``/``loc_ans``).
+
+    zsRE has no counterfactual "true" target; ``target_true`` is its first ground-truth answer (or the
+    base model's ``pred``) that differs from ``alt``, so the probability comparisons (ES, PS) stay
+    defined. zsRE's own metrics are the token accuracies, which read only ``alt`` and ``loc_ans``."""
+    subject, new = record.get("subject"), record.get("alt")
+    answers = record.get("answers") if isinstance(record.get("answers"), list) else []
+    candidates = [a for a in [*answers, record.get("pred")] if isinstance(a, str) and a.strip()]
+    true = next((a for a in candidates if not isinstance(new, str) or _normalise(a) != _normalise(new)),
+                candidates[0] if candidates else None)
+    return {
+        "subject": subject,
+        "prompt": _template_from_filled(subject, record.get("src"), label),
+        "target_new": new,
+        "target_true": true,
+        "relation_id": record.get("relation_id"),
+        "case_id": record.get("case_id"),
+        "paraphrase_prompts": record.get("rephrase"),
+        "neighborhood_prompts": record.get("loc"),
+        "neighborhood_answer": record.get("loc_ans"),
     }
 
 
@@ -264,4 +300,6 @@ def _validated(fields: dict[str, Any], label: str) -> Fact:
         paraphrase_prompts=_check_prompt_list(fields.get("paraphrase_prompts"), "paraphrase_prompts", label),
         neighborhood_prompts=_check_prompt_list(fields.get("neighborhood_prompts"), "neighborhood_prompts", label),
         generation_prompts=_check_prompt_list(fields.get("generation_prompts"), "generation_prompts", label),
+        neighborhood_answer=(None if _is_missing(fields.get("neighborhood_answer")) else
+                             _check_text(fields["neighborhood_answer"], "neighborhood_answer", label).strip()),
     )

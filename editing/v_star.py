@@ -42,6 +42,7 @@ from editing.delta_search import make_search
 from editing.evaluation.scoring import log_probs_at
 from editing.facts import Fact
 from editing.models.adapter import ModelAdapter
+from editing.norm_anchor import CAP, rescale
 from editing.rows import VStarRows, build_v_star_rows
 from editing.tracing import read_states
 from editing.upper_stack import UpperStack
@@ -70,11 +71,17 @@ class VStar:
     """The whole loss (NLL + KL + decay) at each fact's result: what the optimiser minimised."""
     stop_reasons: tuple[str, ...] = ()
     """One of :data:`STOP_REASONS` per fact."""
+    dropped: torch.Tensor | None = None
+    """With NAS (``values.norm_anchor_scaling``): the facts whose target exceeded the cap and are not edited."""
 
 
 def compute_v_star(adapter: ModelAdapter, facts: list[Fact], layer: int, prefixes: tuple[str, ...],
-                   params: ValueParams, rows_per_chunk: int = 64, autocast: torch.dtype | None = None) -> VStar:
+                   params: ValueParams, rows_per_chunk: int = 64, autocast: torch.dtype | None = None,
+                   anchor: float | None = None) -> VStar:
     """Optimise one δ per fact at block ``layer``'s output; see the module docstring.
+
+    With ``values.norm_anchor_scaling`` the optimised δ is then rescaled by NAS to the anchor norm
+    ``anchor`` (:func:`editing.norm_anchor.anchor_norm`, required then).
 
     Neither the blocks up to ``layer`` nor the positions before the subject depend on
     δ: one full pass records them for every row and each step runs only the blocks
@@ -82,16 +89,17 @@ def compute_v_star(adapter: ModelAdapter, facts: list[Fact], layer: int, prefixe
     rows share each pass. ``autocast`` (CUDA only) runs the passes under
     ``torch.autocast`` in that dtype; δ, the losses and the softmaxes stay float32.
     """
+    if params.norm_anchor_scaling and anchor is None:
+        raise ValueError("values.norm_anchor_scaling needs the anchor norm (editing.norm_anchor.anchor_norm)")
     rows = build_v_star_rows(adapter, facts, prefixes, params.kl_prompt)
     n_facts = len(facts)
     stack = UpperStack(adapter, layer, rows.batch, rows.subject_position, rows_per_chunk)
     bare = rows.bare_rows
     h = stack.at(bare, rows.subject_position[bare]).float()                               # (B, d)
-    if params.norm_anchor == "residual":
-        v_orig = h
-    else:
-        v_orig = read_states(adapter, rows.batch.rows(bare), rows.subject_position[bare],
-                             mlp_output_layers=[layer]).mlp_outputs[layer].to(adapter.device)
+    mlp_output = (read_states(adapter, rows.batch.rows(bare), rows.subject_position[bare],
+                              mlp_output_layers=[layer]).mlp_outputs[layer].to(adapter.device)
+                  if params.norm_anchor == "mlp_output" or params.norm_anchor_scaling else None)
+    v_orig = h if params.norm_anchor == "residual" else mlp_output
     anchor_norm = v_orig.norm(dim=1)                                                      # (B,)
     max_norm = params.clamp_norm_factor * anchor_norm
 
@@ -120,11 +128,25 @@ def compute_v_star(adapter: ModelAdapter, facts: list[Fact], layer: int, prefixe
         for parameter, flag in zip(adapter.model.parameters(), requires_grad):
             parameter.requires_grad_(flag)
     delta = search.result().float().cpu()
+    dropped = None
+    if params.norm_anchor_scaling:
+        delta, dropped = rescale(delta, mlp_output.float().cpu(), anchor)
+        log.info("NAS: targets rescaled to norm %.3f, %d of %d facts dropped (above %.1f×)", anchor,
+                 int(dropped.sum()), n_facts, CAP)
     log.info("v*: %d facts, mean NLL %.3f -> %.3f, %d steps at most, stopped by %s", n_facts,
              state.initial_nll.mean(), state.final_nll.mean(), int(state.steps.max()),
              {reason: state.reasons.count(reason) for reason in STOP_REASONS})
     return VStar(z=h.cpu() + delta, delta=delta, initial_nll=state.initial_nll, final_nll=state.final_nll,
-                 steps=state.steps, final_loss=state.final_loss, stop_reasons=tuple(state.reasons))
+                 steps=state.steps, final_loss=state.final_loss, stop_reasons=tuple(state.reasons), dropped=dropped)
+
+
+def mlp_output_at_subject(adapter: ModelAdapter, facts: list[Fact], layer: int) -> torch.Tensor:
+    """``v0``: the edited MLP's output at ``layer``, at the last subject token of each fact's bare prompt
+    (B × d, float32, CPU) — what NAS rescales."""
+    rows = build_v_star_rows(adapter, facts, ("",), "{} is a")
+    bare = rows.bare_rows
+    return read_states(adapter, rows.batch.rows(bare), rows.subject_position[bare],
+                       mlp_output_layers=[layer]).mlp_outputs[layer].float().cpu()
 
 
 @dataclass
@@ -251,6 +273,20 @@ def _step(adapter: ModelAdapter, stack: UpperStack, rows: VStarRows, facts_now: 
         nll.index_add_(0, slots[plan.rewrite], row_nll.detach().cpu() / rows.n_prefixes)
         kl.index_add_(0, slots[plan.kl], divergence.detach().cpu())
         decay.index_add_(0, slots[plan.kl], norm_ratio.detach().cpu())
-        first = plan.first_tokens.to(device)
-        hits.index_add_(0, slots[plan.rewrite], (log_probs[first].argmax(dim=1) == token_ids[first]).long().cpu())
-    return _Measured(nll=nll, kl=kl, decay=decay, most_probable=hits == rows.n_prefixes)
+        hits.index_add_(0, slots[plan.rewrite], _most_probable_rows(log_probs[:n_tokens], token_ids, plan, chunk,
+                                                                    rows.n_prefixes, params.mpes_rule))
+    checked = rows.n_prefixes - 1 if params.mpes_rule == "encore" and rows.n_prefixes > 1 else rows.n_prefixes
+    return _Measured(nll=nll, kl=kl, decay=decay, most_probable=hits == checked)
+
+
+def _most_probable_rows(log_probs: torch.Tensor, token_ids: torch.Tensor, plan: _ReadPlan, chunk: torch.Tensor,
+                        n_prefixes: int, rule: str) -> torch.Tensor:
+    """Per rewrite row of the chunk, 1 where MPES counts it as most probable (``values.mpes_rule``): its first
+    target token is the argmax (``first_token``), or all its target tokens are and it is a prefixed prompt
+    (``encore``; with no prefix the bare prompt is all there is, so it counts)."""
+    correct = (log_probs.argmax(dim=1) == token_ids).cpu()                                   # (tokens,)
+    if rule == "first_token":
+        return correct[plan.first_tokens].long()
+    wrong = torch.zeros(len(plan.rewrite), dtype=torch.long).index_add_(0, plan.token_owner, (~correct).long())
+    prefixed = chunk[plan.rewrite] % n_prefixes != 0 if n_prefixes > 1 else torch.ones(len(plan.rewrite), dtype=torch.bool)
+    return ((wrong == 0) & prefixed).long()

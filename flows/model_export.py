@@ -59,6 +59,7 @@ from db.runs import RunInfo, get_run
 from editing.delta import weight_sha256
 from editing.models import DEFAULT_MODEL, ModelAdapter
 from editing.models.gguf_export import GgufExportError, GgufPlan, plan_gguf
+from editing.prune import delivered_model
 from flows.model_session import ModelSession
 from flows.run_model import check_run_model
 from flows.settings import RunSettings
@@ -106,8 +107,12 @@ def export_model(engine: Engine, run_id: int, seq: int | None, out: str | os.Pat
     seq = last_applied_seq(engine, run_id) if seq is None else seq
     weights = weights_at(engine, run_id, seq)
     provenance = build_provenance(engine, run_id, seq)
+    restraint = run.spec.hyperparameters.get("edit", {}).get("restraint")
     with run_model(run, weights) as adapter:
-        folder = write_model_folder(adapter, out, provenance, fmt=fmt, force=force)
+        layers = sorted(weights)
+        with delivered_model(adapter, restraint, adapter.original_weights(layers), layers):
+            folder = write_model_folder(adapter, out, delivered_provenance(adapter, provenance, restraint),
+                                        fmt=fmt, force=force)
     log.info("exported run %d at batch %d to %s", run_id, seq, folder)
     return folder
 
@@ -204,6 +209,17 @@ def check_out_folder(out: Path, force: bool) -> None:
                           "the model files in it")
 
 
+def delivered_provenance(adapter: ModelAdapter, provenance: Mapping[str, Any], restraint: str | None) -> dict[str, Any]:
+    """``provenance`` for the model as delivered: for a restrained one (PRUNE), with the restraint and the
+    sha256 of the restrained matrices now in ``adapter`` (``delivered_sha256``), which the export checks the
+    written files against; the ledger's ``layer_sha256`` stay, describing the edited weights."""
+    if restraint is None:
+        return dict(provenance)
+    layers = sorted(int(layer) for layer in provenance["layer_sha256"])
+    return {**provenance, "restraint": restraint,
+            "delivered_sha256": {str(layer): sha for layer, sha in adapter.weights_sha256(layers).items()}}
+
+
 def write_model_folder(adapter: ModelAdapter, out: str | os.PathLike[str], provenance: Mapping[str, Any], *,
                        fmt: str = "safetensors", force: bool = False) -> Path:
     """Write ``adapter``'s model *as it is now* into ``out`` with ``provenance`` (:func:`build_provenance`).
@@ -216,7 +232,8 @@ def write_model_folder(adapter: ModelAdapter, out: str | os.PathLike[str], prove
     out = Path(out)
     check_format(fmt)
     check_out_folder(out, force)
-    expected = {int(layer): sha for layer, sha in provenance["layer_sha256"].items()}
+    expected = {int(layer): sha for layer, sha in
+                provenance.get("delivered_sha256", provenance["layer_sha256"]).items()}
     in_memory = adapter.weights_sha256(sorted(expected))
     wrong = [layer for layer in sorted(expected) if in_memory[layer] != expected[layer]]
     if wrong:

@@ -50,7 +50,7 @@ from editing.facts import Fact
 from flows.async_evaluation import AsyncEvaluations, Lease, claim
 from flows.collapse import Alarm, CollapsePolicy, detect, last_healthy_seq
 from flows.failpoints import failpoint
-from flows.model_export import build_provenance, write_model_folder
+from flows.model_export import build_provenance, delivered_provenance, write_model_folder
 from flows.model_session import ModelSession
 from flows.run_state import RunContext, create_run_context, open_run_context
 from flows.settings import RunSettings
@@ -97,8 +97,9 @@ def commit_batch(context: RunContext, writer: RunWriter, batch: ClaimedBatch, ed
 def evaluate_model(context: RunContext, seq: int, batch_facts: list[Fact]) -> dict[str, float]:
     """Every metric of the evaluation at ``seq``, the time of each part included (``seconds.*``)."""
     config = context.settings.evaluation_config()
-    report = evaluate(context.adapter, config, facts=batch_facts, earlier_facts=context.retention_facts(seq),
-                      original_weights=context.original, generation_prompts=PROBE_PROMPTS[:config.generation_facts])
+    with context.delivered() as adapter:
+        report = evaluate(adapter, config, facts=batch_facts, earlier_facts=context.retention_facts(seq),
+                          original_weights=context.original, generation_prompts=PROBE_PROMPTS[:config.generation_facts])
     return report.metrics()
 
 
@@ -345,8 +346,10 @@ def sequential_edit(settings: dict[str, Any] | None = None, run_id: int | None =
             raise
         set_run_status(engine, context.run.id, status)
     if context.settings.save_model:  # the same folder, checks and provenance as `seqedit export-model`
-        write_model_folder(context.adapter, context.settings.save_model,
-                           build_provenance(engine, context.run.id, context.seq), force=True)
+        with context.delivered() as adapter:
+            write_model_folder(adapter, context.settings.save_model,
+                               delivered_provenance(adapter, build_provenance(engine, context.run.id, context.seq),
+                                                    context.config.restraint), force=True)
     _publish_report(context)
     return {"run_id": context.run.id, "status": str(status), "seq": context.seq,
             "weights_sha256": context.adapter.weights_sha256(list(context.run.layers))}

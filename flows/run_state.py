@@ -14,19 +14,20 @@ import dataclasses
 import hashlib
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ContextManager
 
 import torch
 from sqlalchemy import Engine
 
 from db.history import applied_facts
-from db.replay import edit_memory_at, last_applied_seq, weights_at
+from db.replay import edit_memory_at, last_applied_seq, lyapunov_at, weights_at
 from db.runs import RunInfo, RunSpec, create_run, get_run
 from editing.config import EditConfig, hparams_key_for, load_edit_config
 from editing.editor import BatchEdit, Editor, null_spaces_for
 from editing.evaluation.health import HealthProbe, health_metrics
-from editing.objectives import get_objective
 from editing.facts import Fact
+from editing.models.adapter import ModelAdapter
+from editing.prune import delivered_model
 from editing.stats import second_moments
 from flows.model_session import ModelSession
 from flows.run_model import check_run_model
@@ -64,14 +65,24 @@ class RunContext:
         """Put the model and the edit memory in their state after batch ``seq`` (``weights`` from the ledger)."""
         self.session.load_state(weights)
         if self.editor.memory is not None:
-            self.editor.memory.load(edit_memory_at(self.engine, self.run.id, seq, self.editor.memory_devices()))
+            self.editor.memory.load(edit_memory_at(self.engine, self.run.id, seq, self.editor.memory_devices(),
+                                                   self.editor.memory.empty()))
+        if self.editor.lyapunov is not None:
+            self.editor.lyapunov.load(lyapunov_at(self.engine, self.run.id, seq, self.editor.lyapunov.empty()))
         self.seq = seq
+
+    def delivered(self) -> ContextManager[ModelAdapter]:
+        """The model as the run delivers it — restrained by PRUNE where the configuration says so — for the
+        duration of the block: what evaluations and health checks measure. The edited weights come back
+        bit for bit afterwards."""
+        return delivered_model(self.adapter, self.config.restraint, self.original, list(self.run.layers))
 
     def health(self, edit: BatchEdit | None = None) -> dict[str, float]:
         """The health check of the model as it is now (after ``edit``; None: the baseline)."""
         probe = HealthProbe(data_dir=self.settings.evaluation_config().data_dir)
         deltas = {update.layer: update.delta for update in edit.updates} if edit is not None else None
-        return health_metrics(self.adapter, self.original, probe, deltas, edit.v_star if edit is not None else None)
+        with self.delivered() as adapter:
+            return health_metrics(adapter, self.original, probe, deltas, edit.v_star if edit is not None else None)
 
     def retention_facts(self, seq: int) -> list[Fact]:
         """The earlier edits retention checks at point ``seq``: facts of the batches *before* ``seq``
@@ -130,10 +141,11 @@ def open_run_context(engine: Engine, run_id: int, at_seq: int | None = None) -> 
     check_run_model(run, adapter, RunStateError)
     seq = last_applied_seq(engine, run_id) if at_seq is None else at_seq
     session.load_state(weights_at(engine, run_id, seq))
-    memory = (edit_memory_at(engine, run_id, seq, adapter.layer_devices(run.layers))
-              if get_objective(config.algorithm).uses_edit_memory(config.objective) else None)
     editor = Editor(adapter, config, second_moments(adapter, list(run.layers), config.stats),
-                    tuple(stored["prefixes"]), settings.runtime, memory=memory,
-                    null_spaces=null_spaces_for(adapter, config))
+                    tuple(stored["prefixes"]), settings.runtime, null_spaces=null_spaces_for(adapter, config))
+    if editor.memory is not None:
+        editor.memory.load(edit_memory_at(engine, run_id, seq, editor.memory_devices(), editor.memory.empty()))
+    if editor.lyapunov is not None:
+        editor.lyapunov.load(lyapunov_at(engine, run_id, seq, editor.lyapunov.empty()))
     log.info("opened run %d at batch %d", run_id, seq)
     return RunContext(engine, run, settings, config, session, editor, seq=seq)

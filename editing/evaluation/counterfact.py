@@ -10,6 +10,13 @@ differences of ``exp(−NLL)``, the per-token geometric-mean probability.
 * NS / NM on the neighbourhood prompts (other subjects sharing the true
   object): ``target_true`` should still beat ``target_new``; averaged likewise.
 * S: harmonic mean of ES, PS and NS (undefined when one of them is).
+* Token accuracies (MEMIT's and AlphaEdit's zsRE metrics; EasyEdit's rewrite/rephrase accuracy): the share
+  of a target's tokens that are the argmax under teacher forcing — ``rewrite_acc`` and ``rephrase_acc`` of
+  ``target_new``, ``locality_acc`` of the neighbourhood answer (zsRE's ``loc_ans``; ``target_true`` for
+  CounterFact) on the neighbourhood prompts. They come from the same scoring pass as the probabilities.
+
+The neighbourhood prompts are scored against :attr:`Fact.locality_target`: ``target_true`` for
+CounterFact, the record's own answer where it has one (zsRE, EasyEdit's ``locality_ground_truth``).
 
 Every prompt of every fact is scored in one batched :func:`score_targets`
 call. Per-fact results are kept because retention, audits and the ledger need
@@ -36,6 +43,10 @@ class PromptSetScores:
 
     nll_new: tuple[float, ...] = ()
     nll_true: tuple[float, ...] = ()
+    acc_new: tuple[float, ...] = ()
+    """Token accuracy of ``target_new`` on each prompt."""
+    acc_true: tuple[float, ...] = ()
+    """Token accuracy of the other target (``target_true``, or the locality answer on neighbourhood prompts)."""
 
     def __len__(self) -> int:
         return len(self.nll_new)
@@ -46,6 +57,11 @@ class PromptSetScores:
             return None
         wins = [(new < true) if expect_new else (true < new) for new, true in zip(self.nll_new, self.nll_true)]
         return sum(wins) / len(wins)
+
+    def accuracy(self, of_new: bool) -> float | None:
+        """Mean token accuracy of ``target_new`` (``of_new``) or of the other target; None without prompts."""
+        values = self.acc_new if of_new else self.acc_true
+        return sum(values) / len(values) if values else None
 
     def magnitude(self, expect_new: bool) -> float | None:
         """Mean of ``exp(−NLL_expected) − exp(−NLL_other)``; None without prompts."""
@@ -89,6 +105,18 @@ class FactResult:
     def nm(self) -> float | None:
         return self.neighborhood.magnitude(expect_new=False)
 
+    @property
+    def rewrite_acc(self) -> float | None:
+        return self.rewrite.accuracy(of_new=True)
+
+    @property
+    def rephrase_acc(self) -> float | None:
+        return self.paraphrase.accuracy(of_new=True)
+
+    @property
+    def locality_acc(self) -> float | None:
+        return self.neighborhood.accuracy(of_new=False)
+
 
 @dataclass(frozen=True)
 class CounterFactScores:
@@ -105,11 +133,15 @@ class CounterFactScores:
     n_paraphrase_facts: int
     n_neighborhood_facts: int
     facts: tuple[FactResult, ...]
+    rewrite_acc: float | None = None
+    rephrase_acc: float | None = None
+    locality_acc: float | None = None
 
     def metrics(self, prefix: str = "") -> dict[str, float]:
         """Flat ``name → value`` of the defined metrics and the coverage counts (the ledger's long format)."""
         values = {"es": self.es, "ps": self.ps, "ns": self.ns, "em": self.em, "pm": self.pm, "nm": self.nm,
-                  "s": self.s, "n_facts": self.n_facts, "n_paraphrase_facts": self.n_paraphrase_facts,
+                  "s": self.s, "rewrite_acc": self.rewrite_acc, "rephrase_acc": self.rephrase_acc,
+                  "locality_acc": self.locality_acc, "n_facts": self.n_facts, "n_paraphrase_facts": self.n_paraphrase_facts,
                   "n_neighborhood_facts": self.n_neighborhood_facts}
         return {prefix + name: float(value) for name, value in values.items() if value is not None}
 
@@ -149,9 +181,11 @@ def counterfact_metrics(adapter: ModelAdapter, facts: Sequence[Fact], batch_size
     pairs: list[tuple[str, str]] = []
     for fact in facts:
         for kind in kinds:
+            other = fact.locality_target if kind == "neighborhood" else fact.target_true
             for prompt in prompts_of(fact, kind):
-                pairs += [(prompt, fact.target_new), (prompt, fact.target_true)]
-    nll = score_targets(adapter, pairs, batch_size).mean_nll.tolist()
+                pairs += [(prompt, fact.target_new), (prompt, other)]
+    scored = score_targets(adapter, pairs, batch_size)
+    nll, accuracy = scored.mean_nll.tolist(), scored.token_accuracy.tolist()
 
     cursor = 0
     results = []
@@ -160,7 +194,9 @@ def counterfact_metrics(adapter: ModelAdapter, facts: Sequence[Fact], batch_size
         for kind in PROMPT_KINDS:
             count = len(prompts_of(fact, kind)) if kind in kinds else 0
             chunk = nll[cursor:cursor + 2 * count]
-            sets[kind] = PromptSetScores(tuple(chunk[0::2]), tuple(chunk[1::2]))
+            correct = accuracy[cursor:cursor + 2 * count]
+            sets[kind] = PromptSetScores(tuple(chunk[0::2]), tuple(chunk[1::2]), tuple(correct[0::2]),
+                                         tuple(correct[1::2]))
             cursor += 2 * count
         results.append(FactResult(fact, **sets))
 
@@ -172,7 +208,10 @@ def counterfact_metrics(adapter: ModelAdapter, facts: Sequence[Fact], batch_size
     nm, _ = _mean([result.nm for result in results])
     return CounterFactScores(es=es, ps=ps, ns=ns, em=em, pm=pm, nm=nm, s=harmonic_mean([es, ps, ns]),
                              n_facts=n_facts, n_paraphrase_facts=n_paraphrase,
-                             n_neighborhood_facts=n_neighborhood, facts=tuple(results))
+                             n_neighborhood_facts=n_neighborhood, facts=tuple(results),
+                             rewrite_acc=_mean([r.rewrite_acc for r in results])[0],
+                             rephrase_acc=_mean([r.rephrase_acc for r in results])[0],
+                             locality_acc=_mean([r.locality_acc for r in results])[0])
 
 
 def retention(adapter: ModelAdapter, earlier_facts: Sequence[Fact], batch_size: int = 16) -> CounterFactScores:

@@ -85,8 +85,9 @@ class GenerationResult:
 
 @torch.no_grad()
 def greedy_generate(adapter: ModelAdapter, prompts: Sequence[str], max_new_tokens: int = 100,
-                    batch_size: int = 64) -> list[str]:
-    """Greedy continuations of ``prompts``, returned as prompt + continuation text.
+                    batch_size: int = 64, with_prompt: bool = True) -> list[str]:
+    """Greedy continuations of ``prompts``, returned as prompt + continuation text (``with_prompt``) or
+    as the continuation alone.
 
     Prompts are left-padded into batches of similar length; duplicate prompts
     (CounterFact repeats some) are generated once. A fresh generation config is
@@ -121,7 +122,7 @@ def greedy_generate(adapter: ModelAdapter, prompts: Sequence[str], max_new_token
         output = model.generate(input_ids=input_ids.to(adapter.device),
                                 attention_mask=attention_mask.to(adapter.device), generation_config=config)
         for row, index in enumerate(rows):
-            full = encoded[index] + output[row, width:].tolist()
+            full = (encoded[index] if with_prompt else []) + output[row, width:].tolist()
             generated[unique[index]] = tokenizer.decode(full, skip_special_tokens=True)
     return [generated[prompt] for prompt in prompts]
 

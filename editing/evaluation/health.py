@@ -56,15 +56,10 @@ def health_metrics(adapter: ModelAdapter, original_weights: Mapping[int, torch.T
         metrics[f"norm.dw.{layer}"] = norms.delta
         metrics[f"norm.rel_dw.{layer}"] = norms.delta / original
         delta = (batch_deltas or {}).get(layer)
-        metrics[f"norm.batch_dw.{layer}"] = 0.0 if delta is None else _low_rank_norm(delta.u, delta.v)
+        metrics[f"norm.batch_dw.{layer}"] = 0.0 if delta is None else delta.norm()
     if v_star is not None:
         metrics["vstar.delta_norm"] = float(v_star.delta.norm(dim=1).mean())
         metrics["vstar.steps"] = float(v_star.steps.float().mean())
         metrics["vstar.final_nll"] = float(v_star.final_nll.mean())
     return metrics
 
-
-def _low_rank_norm(u: torch.Tensor, v: torch.Tensor) -> float:
-    """``‖U Vᵀ‖_F`` without forming the matrix: ``sqrt(trace((UᵀU)(VᵀV)))``."""
-    u, v = u.double(), v.double()
-    return float(torch.sqrt(torch.clamp(((u.T @ u) * (v.T @ v)).sum(), min=0.0)))

@@ -61,6 +61,9 @@ class TargetScores:
     """True where every target token is the argmax, i.e. greedy decoding would produce the target."""
     n_tokens: torch.Tensor
     """Number of target tokens of each pair."""
+    token_accuracy: torch.Tensor
+    """Share of each target's tokens that are the argmax given the target's earlier tokens (teacher forcing):
+    MEMIT's and AlphaEdit's zsRE accuracy, EasyEdit's rewrite/rephrase accuracy (float32, CPU)."""
 
 
 @torch.no_grad()
@@ -186,6 +189,7 @@ def score_targets(adapter: ModelAdapter, pairs: Sequence[tuple[str, str]], batch
         mean_nll=torch.tensor([float(s.nll.mean()) for s in scores], dtype=torch.float32),
         greedy=torch.tensor([bool(s.argmax.all()) for s in scores], dtype=torch.bool),
         n_tokens=torch.tensor([len(s.nll) for s in scores], dtype=torch.long),
+        token_accuracy=torch.tensor([float(s.argmax.float().mean()) for s in scores], dtype=torch.float32),
     )
 
 

@@ -21,6 +21,7 @@ from editing.evaluation.downstream import TASKS, TaskAccuracy, downstream_accura
 from editing.evaluation.generation import GenerationResult, generation_entropy
 from editing.evaluation.norms import LayerNorms, layer_norms
 from editing.evaluation.perplexity import perplexity
+from editing.evaluation.wild import WildScores, wild_accuracy
 from editing.corpus import TEXT_CORPORA, load_texts
 from editing.facts import Fact
 from editing.models.adapter import ModelAdapter
@@ -37,6 +38,11 @@ class EvaluationConfig:
     """ES/PS of the facts edited earlier in the run."""
     generation: bool = True
     """GE on the generation prompts of the first ``generation_facts`` facts."""
+    wild: bool = True
+    """Answers without teacher forcing (:mod:`editing.evaluation.wild`) on the facts' rewrite and rephrase
+    prompts: ``wild.rewrite``, ``wild.rephrase``."""
+    wild_max_new_tokens: int = 16
+    """Tokens generated per WILD prompt: enough for a short answer and the line break or full stop after it."""
     norms: bool = True
     """‖W‖ and ‖W − W0‖ of the edited layers (needs the original matrices)."""
     perplexity_corpora: tuple[str, ...] = ("wikitext-2-test", "me-ppl-50")
@@ -66,7 +72,7 @@ class EvaluationConfig:
             raise ValueError(f"unknown corpora/tasks {sorted(unknown)}; corpora: {sorted(TEXT_CORPORA)}, "
                              f"tasks: {sorted(TASKS)}")
         for name in ("n_texts", "max_text_tokens", "n_downstream", "generation_facts", "max_new_tokens",
-                     "batch_size", "generation_batch_size"):
+                     "batch_size", "generation_batch_size", "wild_max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EvaluationConfig.{name} must be positive, got {getattr(self, name)}")
 
@@ -78,6 +84,7 @@ class EvaluationReport:
     counterfact: CounterFactScores | None = None
     retention: CounterFactScores | None = None
     generation: GenerationResult | None = None
+    wild: WildScores | None = None
     perplexity: dict[str, float] = field(default_factory=dict)
     downstream: dict[str, TaskAccuracy] = field(default_factory=dict)
     norms: dict[int, LayerNorms] = field(default_factory=dict)
@@ -85,7 +92,8 @@ class EvaluationReport:
     """Wall time of each part, to choose an evaluation cadence the run can afford."""
 
     def metrics(self) -> dict[str, float]:
-        """Flat ``name → value``: ``es`` … ``s``, ``retention.es``, ``ge``, ``ppl.<corpus>``,
+        """Flat ``name → value``: ``es`` … ``s``, the token accuracies (``rewrite_acc`` …), ``retention.es``,
+        ``ge``, ``wild.rewrite``/``wild.rephrase``, ``ppl.<corpus>``,
         ``acc.<task>``, ``chance.<task>``, ``norm.w.<layer>``, ``norm.dw.<layer>``, and the time of
         each part, ``seconds.<part>``, with ``seconds_per_fact.<part>`` for the parts that score facts."""
         values: dict[str, float] = {}
@@ -95,6 +103,8 @@ class EvaluationReport:
             values.update(self.retention.metrics(prefix="retention."))
         if self.generation is not None and self.generation.ge is not None:
             values["ge"] = self.generation.ge
+        if self.wild is not None:
+            values.update(self.wild.metrics())
         values.update({f"ppl.{corpus}": value for corpus, value in self.perplexity.items()})
         for task, result in self.downstream.items():
             values[f"acc.{task}"] = result.accuracy
@@ -138,6 +148,8 @@ def evaluate(adapter: ModelAdapter, config: EvaluationConfig, facts: Sequence[Fa
     if config.generation and prompts:
         timed("generation", lambda: generation_entropy(adapter, prompts, config.max_new_tokens,
                                                        config.generation_batch_size))
+    if config.wild and facts:
+        timed("wild", lambda: wild_accuracy(adapter, facts, config.wild_max_new_tokens, config.generation_batch_size))
     if config.norms and original_weights:
         timed("norms", lambda: layer_norms(adapter, original_weights))
     if config.perplexity_corpora:

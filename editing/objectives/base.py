@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from editing.config import ObjectiveParams
-from editing.delta import LowRankDelta
+from editing.delta import LowRankDelta, WeightDelta
+from editing.lyapunov import LyapunovTerms
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,10 @@ class EditProblem:
     residual: torch.Tensor
     edit_memory: torch.Tensor | None = None
     null_space: torch.Tensor | None = None
+    running_inverse: torch.Tensor | None = None
+    """RLSEdit's ``P = (λ C0 + μ I + S)⁻¹`` (d_in×d_in), kept by the edit memory."""
+    lyapunov: LyapunovTerms | None = None
+    """LyapLock's queue-weighted preservation and drift terms at the layer's current weight."""
 
     @property
     def batch_size(self) -> int:
@@ -53,14 +58,14 @@ class EditProblem:
         return c
 
 
-def memorization(k_e: torch.Tensor, residual: torch.Tensor, delta: LowRankDelta) -> float:
+def memorization(k_e: torch.Tensor, residual: torch.Tensor, delta: WeightDelta) -> float:
     """``1 − ‖ΔW K_E − R‖ / ‖R‖``: the share of the residual an update actually writes (``Ŵ K_E − V_E`` is
     ``ΔW K_E − R``). 1 for an exact (equality-constrained) edit, less for a least-squares or ridge-relaxed
     one — the diagnostic that shows, e.g., EMMET's λ_E outweighing its constraints."""
     scale = torch.linalg.norm(residual)
     if scale == 0:
         return 1.0
-    miss = delta.u.to(residual) @ (delta.v.to(residual).T @ k_e.to(residual)) - residual
+    miss = delta.times(k_e.to(residual)) - residual
     return float(1 - torch.linalg.norm(miss) / scale)
 
 
@@ -71,6 +76,10 @@ class Objective(ABC):
     max_batch_size: int | None = None
     needs_null_space: bool = False
     """True for objectives that project onto ``C0``'s null space (AlphaEdit)."""
+    needs_running_inverse: bool = False
+    """True for objectives that read the running inverse of the preservation matrix (RLSEdit)."""
+    needs_lyapunov: bool = False
+    """True for objectives that read a virtual queue's terms (LyapLock)."""
 
     def uses_edit_memory(self, params: ObjectiveParams) -> bool:
         """Whether the solve reads the run's edit memory ``S`` (so the run must keep it)."""
@@ -82,8 +91,8 @@ class Objective(ABC):
                              f"{batch_size}; use batch size {self.max_batch_size}, or memit/emmet for batches")
 
     @abstractmethod
-    def update(self, problem: EditProblem, params: ObjectiveParams) -> LowRankDelta:
-        """The factors of ``ΔW`` (float64)."""
+    def update(self, problem: EditProblem, params: ObjectiveParams) -> WeightDelta:
+        """The factors of ``ΔW`` (float64), or the dense update of an objective whose ``ΔW`` is not low rank."""
 
 
 def cholesky(matrix: torch.Tensor, what: str) -> torch.Tensor:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
-ALGORITHMS = ("rome", "memit", "emmet", "alphaedit", "encore")
-"""The objectives of ``editing.objectives.OBJECTIVES``, spelled out so that ``--help`` does not import torch
+ALGORITHMS = ("rome", "memit", "emmet", "alphaedit", "encore", "rlsedit", "lyaplock", "nas", "rect", "prune",
+              "alphaedit-published", "encore-published")
+"""The algorithms of ``editing.objectives.ALGORITHMS`` (objectives and the methods built on one), spelled out so that ``--help`` does not import torch
 (a test checks the two agree)."""
 
 DB_HELP = "database URL (default: $SEQEDIT_DATABASE_URL, else sqlite:///seqedit.db in the working directory)"

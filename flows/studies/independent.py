@@ -23,7 +23,9 @@ from db.studies import ArmInfo, done_batches, record_arm_batch, update_arm
 from editing.editor import Editor
 from editing.evaluation.counterfact import counterfact_metrics
 from editing.evaluation.generation import generation_entropy
+from editing.evaluation.wild import wild_accuracy
 from editing.facts import Fact
+from editing.prune import delivered_model
 from flows.model_session import ModelSession
 from flows.settings import RunSettings
 from flows.studies.v_star_reuse import VStarReuse
@@ -54,7 +56,9 @@ def run_independent_arm(engine: Engine, arm: ArmInfo, facts: Sequence[tuple[int,
     editor = Editor.prepare(adapter, config, runtime=settings.runtime)
     layers = list(editor.layers)
     original = adapter.weights_sha256(layers)
-    reuse = VStarReuse(engine, adapter, layers[-1], config.values, editor.prefixes, settings.runtime.autocast_dtype)
+    pristine = session.pristine(layers)
+    reuse = VStarReuse(engine, adapter, layers[-1], config.values, editor.prefixes, settings.runtime.autocast_dtype,
+                       editor.norm_anchor)
     update_arm(engine, arm.id, v_star_key=reuse.key)
     evaluation = settings.evaluation_config()
     done = done_batches(engine, arm.id)
@@ -75,7 +79,8 @@ def run_independent_arm(engine: Engine, arm: ArmInfo, facts: Sequence[tuple[int,
         try:
             edit = editor.apply(batch_facts, v_star=targets)
             scored = time.perf_counter()
-            scores = _scores(adapter, ids, batch_facts, evaluation)
+            with delivered_model(adapter, config.restraint, pristine, layers):
+                scores = _scores(adapter, ids, batch_facts, evaluation)
         finally:
             adapter.restore(before)
         if adapter.weights_sha256(layers) != original:
@@ -94,10 +99,17 @@ def run_independent_arm(engine: Engine, arm: ArmInfo, facts: Sequence[tuple[int,
 
 
 def _scores(adapter, ids: list[int], facts: list[Fact], evaluation) -> dict[int, dict[str, float | None]]:
-    """Each fact's CounterFact scores and, for the first ``generation_facts`` facts of the batch, its GE."""
+    """Each fact's CounterFact scores and token accuracies, its WILD answers and, for the first
+    ``generation_facts`` facts of the batch, its GE."""
     results = counterfact_metrics(adapter, facts, evaluation.batch_size).facts
-    scores = {fact_id: {"es": r.es, "ps": r.ps, "ns": r.ns, "em": r.em, "pm": r.pm, "nm": r.nm, "ge": None}
+    scores = {fact_id: {"es": r.es, "ps": r.ps, "ns": r.ns, "em": r.em, "pm": r.pm, "nm": r.nm, "ge": None,
+                        "rewrite_acc": r.rewrite_acc, "rephrase_acc": r.rephrase_acc, "locality_acc": r.locality_acc,
+                        "wild_rewrite": None, "wild_rephrase": None}
               for fact_id, r in zip(ids, results)}
+    if evaluation.wild:
+        answered = wild_accuracy(adapter, facts, evaluation.wild_max_new_tokens, evaluation.generation_batch_size)
+        for fact_id, (rewrite, rephrase) in zip(ids, answered.per_fact):
+            scores[fact_id].update(wild_rewrite=rewrite, wild_rephrase=rephrase)
     if evaluation.generation:
         owners = [(fact_id, prompt) for fact_id, fact in list(zip(ids, facts))[:evaluation.generation_facts]
                   for prompt in fact.generation_prompts]

@@ -33,8 +33,11 @@ from editing.evaluation.intervals import (Interval, binary_sample, bootstrap_int
                                           paired_difference)
 from flows.studies.independent import batches_of
 
-INDEPENDENT_METRICS = ("es", "ps", "ns", "s", "em", "pm", "nm", "ge")
-COMPARED = ("es", "ps", "ns", "em", "pm", "nm", "ge")
+ACCURACIES = ("rewrite_acc", "rephrase_acc", "locality_acc", "wild_rewrite", "wild_rephrase")
+"""Token accuracies under teacher forcing (zsRE's efficacy / generalisation / specificity, EasyEdit's rewrite /
+rephrase / locality accuracy) and the WILD answers without it."""
+INDEPENDENT_METRICS = ("es", "ps", "ns", "s", "em", "pm", "nm", "ge", *ACCURACIES)
+COMPARED = ("es", "ps", "ns", "em", "pm", "nm", "ge", *ACCURACIES)
 FIGURE_METRICS = ("es", "ps", "ns", "s", "ge")
 
 

@@ -33,7 +33,8 @@ def _sha256(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
-ADDED_VALUE_FIELDS = {"optimizer": "adam", "nll_threshold": None}
+ADDED_VALUE_FIELDS = {"optimizer": "adam", "nll_threshold": None, "norm_anchor_scaling": False, "nas_anchor_facts": 200,
+                      "mpes_rule": "first_token"}
 """v* settings added after caches were first written, with the defaults that reproduce the computation those
 caches hold: a field at this value is left out of the key, so a ledger's earlier Adam entries keep their keys
 (and stay valid — the Adam path is unchanged, tests/editing/test_v_star_reference.py)."""
@@ -63,14 +64,17 @@ class VStarReuse:
     """The v* of an arm's batches, computed once per key and kept in the ledger (``v_star_cache``)."""
 
     def __init__(self, engine: Engine, adapter: ModelAdapter, layer: int, params: ValueParams,
-                 prefixes: Sequence[str], autocast: torch.dtype | None = None) -> None:
+                 prefixes: Sequence[str], autocast: torch.dtype | None = None, anchor: float | None = None) -> None:
         self.engine = engine
         self.adapter = adapter
         self.layer = layer
         self.params = params
         self.prefixes = tuple(prefixes)
         self.autocast = autocast
+        self.anchor = anchor
         self.ingredients = v_star_ingredients(adapter, layer, params, prefixes, autocast)
+        if anchor is not None:
+            self.ingredients["nas_anchor"] = anchor
         self.key = _sha256(self.ingredients)
         """The arm's v* key: arms with the same one share every fact's ``z``."""
 
@@ -82,7 +86,7 @@ class VStarReuse:
         for start in range(0, len(missing), STORE_EVERY):
             chunk = missing[start:start + STORE_EVERY]
             computed = compute_v_star(self.adapter, [facts[i] for i in chunk], self.layer, self.prefixes,
-                                      self.params, autocast=self.autocast)
+                                      self.params, autocast=self.autocast, anchor=self.anchor)
             fresh = {keys[i]: CachedVStar(keys[i], tensors_to_bytes({"z": computed.z[k], "delta": computed.delta[k]}),
                                           float(computed.initial_nll[k]), float(computed.final_nll[k]),
                                           int(computed.steps[k]), computed.stop_reasons[k])

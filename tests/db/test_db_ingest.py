@@ -80,6 +80,16 @@ def test_counterfact_easyedit_schema_with_its_duplicates(database):
     assert list(originals["target_new"]) == list(duplicates["target_new"])
 
 
+def test_zsre_records_are_ingested_with_their_locality_answers(database):
+    summary = ingest_file(database.engine, dataset_path("zsre"))
+    assert (summary.records, summary.accepted, summary.rejected_total) == (1037, 1037, 0)
+    first = json.loads(dataset_path("zsre").read_text())[0]
+    with transaction(database.engine) as session:
+        stored = session.scalars(select(FactRecord).order_by(FactRecord.id).limit(1)).one().to_fact()
+    assert stored == fact_from_record(first, where="record 0")
+    assert stored.neighborhood_answer == first["loc_ans"] and stored.neighborhood_prompts == (first["loc"],)
+
+
 def test_reingesting_the_same_file_inserts_nothing(database):
     path = dataset_path("counterfact-1000")
     ingest_file(database.engine, path)

@@ -107,7 +107,7 @@ def test_float32_inputs_are_solved_in_float64():
 
 def test_bad_input_is_rejected_clearly():
     w0, c0, k_e, v_e = problem(1, 16, 8, 2)
-    with pytest.raises(ValueError, match="unknown objective 'mend'.*emmet"):
+    with pytest.raises(ValueError, match="unknown algorithm 'mend'.*emmet"):
         _solve("mend", w0, c0, k_e, v_e, PLAIN)
     with pytest.raises(ValueError, match="rome edits at most 1 fact"):
         _solve("rome", w0, c0, k_e, v_e, PLAIN)

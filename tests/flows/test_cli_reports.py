@@ -155,8 +155,8 @@ def test_report_compares_runs_on_shared_axes_with_their_first_alarms(recorded_ru
     assert alarms.loc[second.id, "metric"] == "ppl.probe" and alarms.loc[first, "edits"] == 6
 
 
-def test_the_cli_offers_every_objective():
-    from editing.objectives import OBJECTIVES
+def test_the_cli_offers_every_algorithm():
+    from editing.objectives import ALGORITHMS as KNOWN
     from flows.commands.common import ALGORITHMS
 
-    assert sorted(ALGORITHMS) == sorted(OBJECTIVES)
+    assert sorted(ALGORITHMS) == sorted(KNOWN)

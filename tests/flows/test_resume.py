@@ -31,7 +31,7 @@ from db.models import BatchRecord, BatchStatus, WeightDelta
 from flows.model_export import export_model
 from flows.pipeline import sequential_edit
 from fixtures.processes import alive, children
-from fixtures.runs import fast_settings, ingest_counterfact
+from fixtures.runs import FAST_EDIT, fast_settings, ingest_counterfact
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -210,15 +210,18 @@ def test_a_sigterm_stops_the_run_with_its_temporary_prefect_server_and_the_run_r
     assert _hashes(engine, run_id) == reference
 
 
-@pytest.mark.parametrize("algorithm", ["encore", "alphaedit"])
+@pytest.mark.parametrize("algorithm", ["encore", "alphaedit", "rlsedit", "rect", "nas"])
 def test_a_lifelong_run_rolled_back_and_resumed_rebuilds_its_edit_memory(ledger, algorithm):
-    """The edit memory S decides every later update of these objectives: a run rolled back to batch 1 and
-    edited on must rebuild S from the ledger without batch 2's keys, exactly, or batch 3 comes out different
-    from an uninterrupted run's (both runs edit the same facts, private pools)."""
+    """The edit memory S (and RLSEdit's running inverse P) decides every later update of these objectives: a
+    run rolled back to batch 1 and edited on must rebuild S and P from the ledger without batch 2's keys,
+    exactly, or batch 3 comes out different from an uninterrupted run's (both runs edit the same facts, private
+    pools). RECT's dense deltas and NAS's anchor (recomputed on the unedited model) must replay the same way."""
     from flows.pipeline import rollback_run
 
     url, engine, _, _ = ledger
-    settings = fast_settings(algorithm=algorithm, fact_pool="private", eval_every=0, health_checks=False)
+    edit = {**FAST_EDIT, "values.nas_anchor_facts": 12} if algorithm == "nas" else FAST_EDIT
+    settings = fast_settings(algorithm=algorithm, fact_pool="private", eval_every=0, health_checks=False,
+                             edit_overrides=edit)
     reference = sequential_edit(settings=fast_settings(**{**settings.to_dict(), "limit": 24}).to_dict(), db_url=url)
     interrupted = sequential_edit(settings=fast_settings(**{**settings.to_dict(), "limit": 16}).to_dict(), db_url=url)
     rollback_run(run_id=interrupted["run_id"], to_seq=1, db_url=url)

@@ -62,7 +62,7 @@ def test_metrics_average_per_fact_then_over_facts_and_report_coverage(tiny_model
                                                abs=1e-6)
     metrics = result.metrics()
     assert set(metrics) == {"es", "ps", "ns", "em", "pm", "nm", "s", "n_facts", "n_paraphrase_facts",
-                            "n_neighborhood_facts"}
+                            "n_neighborhood_facts", "rewrite_acc", "rephrase_acc", "locality_acc"}
 
 
 def test_facts_without_paraphrases_leave_ps_undefined(tiny_model, counterfact_facts):

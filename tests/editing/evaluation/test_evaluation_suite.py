@@ -24,11 +24,12 @@ def test_every_part_runs_and_reports_flat_finite_metrics(tiny_model, counterfact
     assert all(math.isfinite(value) for value in metrics.values())
     assert metrics["norm.dw.1"] == 0.0
     assert len(report.generation.texts) == len(facts[0].generation_prompts)
-    assert set(report.seconds) == {"counterfact", "retention", "generation", "norms", "perplexity", "downstream"}
+    assert set(report.seconds) == {"counterfact", "retention", "generation", "wild", "norms", "perplexity",
+                                   "downstream"}
 
 
 def test_disabled_parts_and_parts_without_data_are_skipped(tiny_model, counterfact_facts):
-    config = EvaluationConfig(generation=False, perplexity_corpora=(), downstream_tasks=(), **SMALL)
+    config = EvaluationConfig(generation=False, wild=False, perplexity_corpora=(), downstream_tasks=(), **SMALL)
     report = evaluate(tiny_model("gpt2"), config, facts=counterfact_facts[:1])
     assert report.counterfact is not None
     assert report.retention is None and report.generation is None and not report.norms
