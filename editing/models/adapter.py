@@ -31,15 +31,20 @@ class ArchitectureSpec:
     edited_module: str
     transposed: bool
     """True when the parameter is stored (d_in × d_out), as GPT-2's ``Conv1D`` does."""
+    attention: str = "self_attn"
+    """A block's attention module (causal tracing restores its output)."""
+    mlp: str = "mlp"
+    """A block's MLP module."""
 
 
 ARCHITECTURES: dict[str, ArchitectureSpec] = {
-    "gpt2": ArchitectureSpec("gpt2", "transformer.h", "mlp.c_proj", transposed=True),
-    "gptj": ArchitectureSpec("gptj", "transformer.h", "mlp.fc_out", transposed=False),
+    "gpt2": ArchitectureSpec("gpt2", "transformer.h", "mlp.c_proj", transposed=True, attention="attn"),
+    "gptj": ArchitectureSpec("gptj", "transformer.h", "mlp.fc_out", transposed=False, attention="attn"),
     "llama": ArchitectureSpec("llama", "model.layers", "mlp.down_proj", transposed=False),
     # GPT-NeoX / Pythia: attention and MLP in parallel off one residual; the MLP's output projection is the
     # edited matrix all the same (its input is the key, its output is added to the residual stream).
-    "gpt_neox": ArchitectureSpec("gpt_neox", "gpt_neox.layers", "mlp.dense_4h_to_h", transposed=False),
+    "gpt_neox": ArchitectureSpec("gpt_neox", "gpt_neox.layers", "mlp.dense_4h_to_h", transposed=False,
+                                 attention="attention"),
 }
 # Families that share Llama's module layout (model.layers.{l}.mlp.down_proj): Llama-3 (rope scaling is inside
 # the attention), Mistral (sliding window), Qwen2/2.5/3 (attention bias), Gemma/Gemma-2 (extra norms around the
