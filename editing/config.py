@@ -254,6 +254,10 @@ def layer_overrides(layers: Sequence[int], distribution: str | None = None) -> d
 
 
 def hparams_file(model_key: str) -> Path:
+    """The hparams file of ``model_key``: a shipped one by name (``smollm2-135m``), or a YAML file by path
+    (such as the skeleton ``seqedit trace`` writes for a new model)."""
+    if model_key.endswith((".yaml", ".yml")) and Path(model_key).is_file():
+        return Path(model_key)
     path = HPARAMS_DIR / f"{model_key}.yaml"
     if not path.exists():
         known = sorted(p.stem for p in HPARAMS_DIR.glob("*.yaml"))

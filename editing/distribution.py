@@ -21,7 +21,7 @@ from typing import Callable, Mapping
 import torch
 
 from editing.config import ObjectiveParams
-from editing.delta import WeightDelta, apply_delta
+from editing.delta import WeightDelta
 from editing.keys import compute_keys
 from editing.rows import RewriteRows
 from editing.lyapunov import LyapunovQueue
@@ -146,7 +146,7 @@ def distribute(adapter: ModelAdapter, rows: RewriteRows, z: torch.Tensor, layers
         k_e = keys.T.to(weight.device, solver.dtype)                                                    # (d_in, B)
         r = residual.T.to(weight.device, solver.dtype)                                                  # (d, B)
         delta = solver.solve(layer, k_e, r, weight)
-        apply_delta(weight, delta)
+        adapter.add_delta(layer, delta)
         update = LayerUpdate(layer, delta, memorization(k_e, r, delta), keys.T.contiguous())
         updates.append(update)
         if on_layer is not None:

@@ -51,9 +51,7 @@ def restrained_model(adapter: ModelAdapter, originals: Mapping[int, torch.Tensor
     """The model with each of ``layers`` restrained against its original for the duration of the block."""
     edited = adapter.snapshot(list(layers))
     try:
-        with torch.no_grad():
-            for layer in layers:
-                adapter.weight(layer).copy_(restrain(originals[layer], edited[layer]))
+        adapter.restore({layer: restrain(originals[layer], edited[layer]) for layer in layers})
         yield adapter
     finally:
         adapter.restore(edited)

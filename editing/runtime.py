@@ -57,6 +57,10 @@ class Runtime:
     """The edited layers' linear solves (``float64`` or ``float32``), whatever the model's dtype."""
     autocast: bool = True
     """On CUDA, run the v* optimisation under ``torch.autocast`` in the model's half dtype."""
+    float32_master: bool = True
+    """With a ``dtype`` below float32: keep each edited matrix as a float32 master ``W0 + ΣΔ`` and give
+    the model its rounding after each batch (:meth:`editing.models.ModelAdapter.weight`), so that rounding
+    never compounds over a sequential run. Off only to measure what the master prevents."""
     threads: int | None = None
     """CPU threads for torch; None: :func:`available_cpus`."""
     device_map: str | dict[str, str | int] | None = None
@@ -87,7 +91,8 @@ class Runtime:
     def __hash__(self) -> int:  # a dict device_map is not hashable as it is
         device_map = (json.dumps(self.device_map, sort_keys=True) if isinstance(self.device_map, dict)
                       else self.device_map)
-        return hash((self.device, self.dtype, self.solve_dtype, self.autocast, self.threads, device_map))
+        return hash((self.device, self.dtype, self.solve_dtype, self.autocast, self.float32_master, self.threads,
+                     device_map))
 
     @property
     def torch_device(self) -> torch.device:

@@ -105,8 +105,10 @@ class UpperStack:
         try:
             for chunk in torch.arange(n_rows).split(rows_per_chunk):
                 sub = self.batch.rows(chunk).to(adapter.device)
+                # A cache of full layers, given explicitly: the one a model makes for itself keeps only the
+                # last window of a sliding-window layer (Mistral, Gemma-2), and every position is replayed.
                 cache = adapter.model.base_model(input_ids=sub.input_ids, attention_mask=sub.attention_mask,
-                                                 use_cache=True).cache
+                                                 cache=DynamicCache(), use_cache=True).cache
                 # Block `layer` may run on another device than the embeddings (device_map): its output is
                 # kept on the adapter's device, where δ lives; each layer's keys/values stay on that
                 # layer's device, where its attention reads them.

@@ -210,14 +210,21 @@ def check_out_folder(out: Path, force: bool) -> None:
 
 
 def delivered_provenance(adapter: ModelAdapter, provenance: Mapping[str, Any], restraint: str | None) -> dict[str, Any]:
-    """``provenance`` for the model as delivered: for a restrained one (PRUNE), with the restraint and the
-    sha256 of the restrained matrices now in ``adapter`` (``delivered_sha256``), which the export checks the
-    written files against; the ledger's ``layer_sha256`` stay, describing the edited weights."""
-    if restraint is None:
-        return dict(provenance)
+    """``provenance`` for the model as delivered, whose files the export checks against ``delivered_sha256``
+    when the matrices written differ from those the ledger's ``layer_sha256`` describe (which stay): for
+    a restrained run (PRUNE) the restrained matrices, for a low-precision model the float32 masters
+    rounded to its dtype (``stored_dtype``); otherwise the ledger's hashes are the files' own."""
     layers = sorted(int(layer) for layer in provenance["layer_sha256"])
-    return {**provenance, "restraint": restraint,
-            "delivered_sha256": {str(layer): sha for layer, sha in adapter.weights_sha256(layers).items()}}
+    masters = [layer for layer in layers if adapter.has_master(layer)]
+    if restraint is None and not masters:
+        return dict(provenance)
+    delivered: dict[str, Any] = {
+        **provenance, "delivered_sha256": {str(layer): sha for layer, sha in adapter.stored_sha256(layers).items()}}
+    if restraint is not None:
+        delivered["restraint"] = restraint
+    if masters:
+        delivered["stored_dtype"] = str(adapter.stored_weight(masters[0]).dtype).removeprefix("torch.")
+    return delivered
 
 
 def write_model_folder(adapter: ModelAdapter, out: str | os.PathLike[str], provenance: Mapping[str, Any], *,
@@ -234,7 +241,7 @@ def write_model_folder(adapter: ModelAdapter, out: str | os.PathLike[str], prove
     check_out_folder(out, force)
     expected = {int(layer): sha for layer, sha in
                 provenance.get("delivered_sha256", provenance["layer_sha256"]).items()}
-    in_memory = adapter.weights_sha256(sorted(expected))
+    in_memory = adapter.stored_sha256(sorted(expected))
     wrong = [layer for layer in sorted(expected) if in_memory[layer] != expected[layer]]
     if wrong:
         raise ExportError(f"the model in memory is not run {provenance['run_id']}'s state at batch "

@@ -19,7 +19,7 @@ from editing.runtime import Runtime
 
 
 class ModelSession:
-    _loaded: ClassVar[dict[tuple[str, str, str, str], "ModelSession"]] = {}
+    _loaded: ClassVar[dict[tuple[str, str, str, str, bool], "ModelSession"]] = {}
 
     def __init__(self, adapter: ModelAdapter) -> None:
         self.adapter = adapter
@@ -32,9 +32,11 @@ class ModelSession:
         key = cls._key(model, runtime)
         if key not in cls._loaded:
             if runtime.device_map is None:
-                adapter = load_model(model, dtype=runtime.model_dtype, device=runtime.torch_device)
+                adapter = load_model(model, dtype=runtime.model_dtype, device=runtime.torch_device,
+                                     float32_master=runtime.float32_master)
             else:  # placed by accelerate, not moved
-                adapter = load_model(model, dtype=runtime.model_dtype, device_map=runtime.device_map)
+                adapter = load_model(model, dtype=runtime.model_dtype, device_map=runtime.device_map,
+                                     float32_master=runtime.float32_master)
             cls._loaded[key] = cls(adapter)
         return cls._loaded[key]
 
@@ -43,9 +45,10 @@ class ModelSession:
         return cls._loaded.get(cls._key(model, runtime or Runtime()))
 
     @staticmethod
-    def _key(model: str | None, runtime: Runtime) -> tuple[str, str, str, str]:
+    def _key(model: str | None, runtime: Runtime) -> tuple[str, str, str, str, bool]:
         placement = "" if runtime.device_map is None else json.dumps(runtime.device_map, sort_keys=True)
-        return model or DEFAULT_MODEL, str(runtime.torch_device), str(runtime.model_dtype), placement
+        master = runtime.float32_master and runtime.model_dtype.itemsize < 4  # irrelevant at float32
+        return model or DEFAULT_MODEL, str(runtime.torch_device), str(runtime.model_dtype), placement, master
 
     def pristine(self, layers: Iterable[int]) -> dict[int, torch.Tensor]:
         """The layers' weights as loaded (see :meth:`ModelAdapter.original_weights`)."""

@@ -208,5 +208,5 @@ def log_probs_at(adapter: ModelAdapter, hidden: torch.Tensor, rows: torch.Tensor
                  positions: torch.Tensor) -> torch.Tensor:
     """Log-softmax over the vocabulary of the logits at ``(rows[i], positions[i])``."""
     selected = hidden[rows.to(hidden.device), positions.to(hidden.device)]
-    logits = adapter.model.get_output_embeddings()(selected).float()
+    logits = adapter.logits(selected).float()
     return torch.log_softmax(logits, dim=-1)

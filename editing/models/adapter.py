@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from editing.delta import weight_sha256
+from editing.delta import WeightDelta, apply_delta, weight_sha256
 
 
 @dataclass(frozen=True)
@@ -31,15 +31,26 @@ class ArchitectureSpec:
     edited_module: str
     transposed: bool
     """True when the parameter is stored (d_in × d_out), as GPT-2's ``Conv1D`` does."""
+    attention: str = "self_attn"
+    """A block's attention module (causal tracing restores its output)."""
+    mlp: str = "mlp"
+    """A block's MLP module."""
 
 
 ARCHITECTURES: dict[str, ArchitectureSpec] = {
-    "gpt2": ArchitectureSpec("gpt2", "transformer.h", "mlp.c_proj", transposed=True),
-    "gptj": ArchitectureSpec("gptj", "transformer.h", "mlp.fc_out", transposed=False),
+    "gpt2": ArchitectureSpec("gpt2", "transformer.h", "mlp.c_proj", transposed=True, attention="attn"),
+    "gptj": ArchitectureSpec("gptj", "transformer.h", "mlp.fc_out", transposed=False, attention="attn"),
     "llama": ArchitectureSpec("llama", "model.layers", "mlp.down_proj", transposed=False),
+    # GPT-NeoX / Pythia: attention and MLP in parallel off one residual; the MLP's output projection is the
+    # edited matrix all the same (its input is the key, its output is added to the residual stream).
+    "gpt_neox": ArchitectureSpec("gpt_neox", "gpt_neox.layers", "mlp.dense_4h_to_h", transposed=False,
+                                 attention="attention"),
 }
-# Families that share Llama's module layout.
-for _alias in ("mistral", "qwen2", "qwen3", "olmo", "olmo2", "gemma", "gemma2"):
+# Families that share Llama's module layout (model.layers.{l}.mlp.down_proj): Llama-3 (rope scaling is inside
+# the attention), Mistral (sliding window), Qwen2/2.5/3 (attention bias), Gemma/Gemma-2 (extra norms around the
+# MLP, soft-capping: see :meth:`ModelAdapter.logits`), Phi-3 (gate and up projections fused into one matrix, the
+# down projection as Llama's), OLMo.
+for _alias in ("mistral", "qwen2", "qwen3", "olmo", "olmo2", "gemma", "gemma2", "phi3"):
     ARCHITECTURES[_alias] = ARCHITECTURES["llama"]
 
 
@@ -91,7 +102,7 @@ class ModelAdapter:
     """A causal LM with its tokenizer and the knowledge of where edits go."""
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                 name: str, source_fingerprint: str | None = None) -> None:
+                 name: str, source_fingerprint: str | None = None, float32_master: bool = True) -> None:
         model_type = model.config.model_type
         if model_type not in ARCHITECTURES:
             raise ValueError(f"model type {model_type!r} is not supported; known: {sorted(ARCHITECTURES)}")
@@ -102,6 +113,9 @@ class ModelAdapter:
         self._source_fingerprint = source_fingerprint
         self._originals: dict[int, torch.Tensor] = {}
         """The edited matrices as loaded (CPU copies), captured the first time each is handed out."""
+        self.float32_master = float32_master
+        """Keep a float32 master of each edited matrix of a low-precision model (see :meth:`weight`)."""
+        self._masters: dict[int, torch.Tensor] = {}
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         model.eval()
@@ -172,18 +186,53 @@ class ModelAdapter:
         return self.block(layer).get_submodule(self.spec.edited_module)
 
     def weight(self, layer: int) -> torch.Tensor:
-        """The edited matrix in canonical (d_out × d_in) orientation, as a view of the parameter.
+        """The matrix edits are defined on, in canonical (d_out × d_in) orientation.
 
-        In-place updates of the returned tensor change the model. Every edit goes
-        through this view, so the first call for a layer is the moment to keep its
-        loaded value (see :meth:`original_weights`).
+        For a model in float32 (or wider) that is a view of the parameter. For a model stored in a
+        narrower dtype (bfloat16, float16) it is a float32 *master* ``W0 + ΣΔ`` on the layer's device,
+        and the parameter is the master rounded (:meth:`stored_weight`): were each batch's ``ΔW``
+        rounded to bfloat16 and added to bfloat16 weights, the rounding would compound over a
+        sequential run; rounding the exact sum once after each batch does not. The ledger's hashes,
+        replay, rollback and resume are all of this matrix, so they are exact in either case.
+
+        Write through :meth:`add_delta` and :meth:`restore`, which keep the parameter in step with the
+        master. The first call for a layer is the moment to keep its loaded value
+        (see :meth:`original_weights`).
         """
         view = self._canonical(layer)
         if view.device.type == "meta":  # writing into a meta tensor would silently do nothing
             self.check_resident([layer])
+        if self._needs_master(view):
+            if layer not in self._masters:
+                self._masters[layer] = view.detach().to(torch.float32, copy=True)
+            view = self._masters[layer]
         if layer not in self._originals:
             self._originals[layer] = view.detach().to("cpu", copy=True)
         return view
+
+    def stored_weight(self, layer: int) -> torch.Tensor:
+        """The parameter itself, in the model's dtype (canonical orientation): what a forward pass uses
+        and ``save_pretrained`` writes — the rounded master when :meth:`weight` is a master."""
+        self.weight(layer)
+        return self._canonical(layer)
+
+    def has_master(self, layer: int) -> bool:
+        """Whether ``layer``'s edits are kept in a float32 master beside its parameter."""
+        return self._needs_master(self._canonical(layer))
+
+    def _needs_master(self, parameter: torch.Tensor) -> bool:
+        return self.float32_master and parameter.is_floating_point() and parameter.dtype.itemsize < 4
+
+    def add_delta(self, layer: int, delta: WeightDelta) -> None:
+        """``W ← W + ΔW`` on the matrix edits are defined on, then the parameter rounded from it."""
+        apply_delta(self.weight(layer), delta)
+        self._publish(layer)
+
+    def _publish(self, layer: int) -> None:
+        """Round ``layer``'s master into its parameter (nothing to do without a master)."""
+        if layer in self._masters:
+            with torch.no_grad():
+                self._canonical(layer).copy_(self._masters[layer])
 
     def _canonical(self, layer: int) -> torch.Tensor:
         parameter = self.edited_module(layer).weight
@@ -200,6 +249,14 @@ class ModelAdapter:
     def _check_layer(self, layer: int) -> None:
         if not 0 <= layer < len(self.blocks):
             raise ValueError(f"layer {layer} out of range: {self.name} has {len(self.blocks)} layers (0..{len(self.blocks) - 1})")
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head on final (normed) hidden states, as the model's own forward computes it: including
+        Gemma-2's final soft-capping ``c · tanh(logits / c)``, which lives in the causal-LM wrapper and not in
+        the head, so code that applies the head itself (scoring, v*) must apply it too."""
+        logits = self.model.get_output_embeddings()(hidden)
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        return logits if not cap else torch.tanh(logits / cap) * cap
 
     # -- identity --------------------------------------------------------------------------
     @cached_property
@@ -221,8 +278,12 @@ class ModelAdapter:
         return digest.hexdigest()
 
     def weights_sha256(self, layers: list[int]) -> dict[int, str]:
-        """sha256 of each edited matrix (canonical orientation) for the ledger."""
+        """sha256 of each edited matrix (canonical orientation, the master where there is one) for the ledger."""
         return {layer: weight_sha256(self.weight(layer)) for layer in layers}
+
+    def stored_sha256(self, layers: list[int]) -> dict[int, str]:
+        """sha256 of each edited parameter as the model stores it (what an export writes)."""
+        return {layer: weight_sha256(self.stored_weight(layer)) for layer in layers}
 
     def snapshot(self, layers: list[int]) -> dict[int, torch.Tensor]:
         """Copies of the edited matrices, to restore later with :meth:`restore`."""
@@ -234,6 +295,7 @@ class ModelAdapter:
             for layer, tensor in weights.items():
                 weight = self.weight(layer)
                 weight.copy_(tensor.to(weight.device))
+                self._publish(layer)
 
     # -- the model as loaded ---------------------------------------------------------------
     def touched_layers(self) -> list[int]:

@@ -344,7 +344,7 @@ class GgufPlan:
             raise GgufExportError(f"{path.name} holds tensors that are not float32 (ggml types "
                                   f"{sorted(set(types.values()))})")
         for layer, sha in expected_sha256.items():
-            values = edited[f"blk.{layer}.ffn_down.weight"].to(self.adapter.weight(layer).dtype)
+            values = edited[f"blk.{layer}.ffn_down.weight"].to(self.adapter.stored_weight(layer).dtype)
             if weight_sha256(values) != sha:
                 raise GgufExportError(f"{path.name}: layer {layer} reads back with sha256 {weight_sha256(values)}, "
                                       f"the ledger recorded {sha}")

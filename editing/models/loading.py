@@ -41,7 +41,7 @@ def default_device() -> torch.device:
 
 def load_model(name_or_path: str | None = None, *, dtype: torch.dtype = torch.float32,
                device: str | torch.device | None = None,
-               device_map: str | dict[str, str | int] | None = None) -> ModelAdapter:
+               device_map: str | dict[str, str | int] | None = None, float32_master: bool = True) -> ModelAdapter:
     """Load a model and its tokenizer and wrap them in a :class:`ModelAdapter`.
 
     ``name_or_path`` is ``None`` or ``"smollm2-135m"`` for the embedded default,
@@ -53,6 +53,7 @@ def load_model(name_or_path: str | None = None, *, dtype: torch.dtype = torch.fl
     or an explicit ``{module: device}`` mapping, see :class:`editing.runtime.Runtime`)
     ``from_pretrained`` places it through accelerate — across several GPUs, GPU and
     CPU, or with modules offloaded — and it is not moved; ``device`` must then be None.
+    ``float32_master``: see :meth:`ModelAdapter.weight` (it matters only for a ``dtype`` below float32).
     """
     if device_map is not None and device is not None:
         raise ValueError("load_model takes a device or a device_map, not both: the device_map places the model")
@@ -74,7 +75,7 @@ def load_model(name_or_path: str | None = None, *, dtype: torch.dtype = torch.fl
         fingerprint = (folder / _FINGERPRINT_FILE).read_text().strip()
     if device_map is None:
         model = model.to(target)
-    return ModelAdapter(model, tokenizer, name=name, source_fingerprint=fingerprint)
+    return ModelAdapter(model, tokenizer, name=name, source_fingerprint=fingerprint, float32_master=float32_master)
 
 
 def model_folder(name_or_path: str | None) -> Path | None:

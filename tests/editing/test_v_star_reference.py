@@ -26,6 +26,7 @@ from editing.config import ValueParams
 from editing.facts import Fact, fact_from_record
 from editing.v_star import compute_v_star
 from fixtures.data import counterfact_records
+from fixtures.models import FAMILIES
 from fixtures.plain import last_subject_token
 
 LAYER = 6
@@ -36,7 +37,7 @@ PARAMS = ValueParams(lr=0.5, steps=4, clamp_norm_factor=0.3, kl_factor=0.0625, w
 
 def plain_v_star(adapter, fact: Fact, layer: int, params: ValueParams) -> torch.Tensor:
     """``z = h + δ`` for one fact, by the procedure of docs/math.md, one prompt per forward pass of the whole
-    model (GPT-2, GPT-J and Llama blocks all call their MLP ``mlp``)."""
+    model (every family's block calls its MLP ``mlp``)."""
     model, tokenizer = adapter.model, adapter.tokenizer
     block = adapter.blocks[layer]
     site = block.mlp if params.norm_anchor == "mlp_output" else block
@@ -107,7 +108,7 @@ def three_facts() -> list[Fact]:
     return [fact_from_record(record, index) for index, record in enumerate(counterfact_records(600, 603), start=600)]
 
 
-@pytest.mark.parametrize("family", ["gpt2", "gptj", "llama"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_upper_layer_v_star_equals_full_model_passes_for_every_family(tiny_model, three_facts, family):
     """The engine runs only the blocks above the edit layer; the reference runs the whole model each time."""
     adapter = tiny_model(family, n_layers=4)
