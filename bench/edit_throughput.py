@@ -115,22 +115,25 @@ def main() -> int:
     parser.add_argument("--offset", type=int, default=2000, help="first record (default: outside the tuning slice)")
     parser.add_argument("--naive-facts", type=int, default=32, help="facts the naive loop edits (largest B ≤ this)")
     parser.add_argument("--model", default=None)
+    parser.add_argument("--hparams", default=None, help="hparams file key or path (default: by the model's name)")
     parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", default=None, help="model dtype (default: the runtime's auto)")
     parser.add_argument("--variant", type=variant, action="append", default=[],
                         help="NAME=JSON overrides of the v* settings, measured besides hparams and adam-25")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     variants = {"hparams": {}, "adam-25": ADAM_25, **dict(args.variant)}
 
-    runtime = Runtime(device=args.device)
+    runtime = Runtime(device=args.device, **({"dtype": args.dtype} if args.dtype else {}))
     threads = runtime.apply_threads()
     adapter = load_model(args.model, device=runtime.torch_device, dtype=runtime.model_dtype)
-    config = load_edit_config(hparams_key_for(adapter.name), args.algo)
+    hparams = args.hparams or hparams_key_for(adapter.name)
+    config = load_edit_config(hparams, args.algo)
     sizes = [int(s) for s in args.sizes.split(",")]
     records = json.loads(args.data.read_text())[args.offset:args.offset + max(sizes)]
     all_facts = [fact_from_record(record, args.offset + i) for i, record in enumerate(records)]
     editor = Editor.prepare(adapter, config, runtime=runtime)
-    editors = {name: Editor.prepare(adapter, load_edit_config(hparams_key_for(adapter.name), args.algo, overrides),
+    editors = {name: Editor.prepare(adapter, load_edit_config(hparams, args.algo, overrides),
                                     prefixes=editor.prefixes, runtime=runtime) if overrides else editor
                for name, overrides in variants.items()}
     original = adapter.snapshot(list(editor.layers))

@@ -24,7 +24,11 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--config", type=Path, help="YAML file of run settings")
     group.add_argument("--algo", dest="algorithm", choices=ALGORITHMS, help="objective (default: emmet)")
     group.add_argument("--model", help="Hugging Face name, local folder or .gguf file (default: SmolLM2-135M)")
-    group.add_argument("--hparams", help="hyperparameter set in editing/hparams (default: matched to the model)")
+    group.add_argument("--hparams", help="hyperparameter set in editing/hparams or a YAML path (default: matched "
+                       "to the model)")
+    group.add_argument("--hparams-from", type=Path, metavar="FILE", help="a reference implementation's hparams file "
+                       "as it is (EasyEdit YAML; ROME/MEMIT/UME/AlphaEdit/ENCORE JSON): every key mapped onto "
+                       "seqedit's settings over --hparams, under --config and --set; unknown keys are refused")
     group.add_argument("--layers", type=parse_layers, help="edit layers, e.g. 3,4,5,6,7")
     group.add_argument("--distribution", choices=("single_layer", "memit_spread"), help="edit distribution (default: the hparams file's; "
                        "single_layer when --layers names one layer)")
@@ -68,6 +72,24 @@ def given_run_options(args: argparse.Namespace) -> list[str]:
     return [flag for dest, flag in args.run_options.items() if getattr(args, dest) not in (None, [], False)]
 
 
+def imported_overrides(path: Path, data: dict[str, Any]) -> dict[str, Any]:
+    """The edit overrides a reference hparams file maps to (:mod:`editing.hparams_import`); its method becomes
+    the run's algorithm unless one is given."""
+    import logging
+
+    from editing.hparams_import import check_for_model, import_hparams
+    from editing.models.loading import layer_count
+
+    imported = import_hparams(path, data.get("algorithm"))
+    if imported.algorithm is not None:
+        data.setdefault("algorithm", imported.algorithm)
+    try:
+        check_for_model(imported, layer_count(data.get("model")), f"--hparams-from {path.name}")
+    except ValueError as warning:  # the references read v*'s loss at this layer; seqedit at the output
+        logging.getLogger(__name__).warning("%s (seqedit reads v*'s loss at the model's output)", warning)
+    return imported.overrides
+
+
 def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """RunSettings as a dict: the YAML file, then every option given on the command line.
 
@@ -90,6 +112,8 @@ def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
         if not isinstance(data.get(nested, {}), dict):
             raise ValueError(f"{nested}: expected a mapping, got {data[nested]!r} (--config {args.config})")
     edit = {**flatten(data.get("edit_overrides", {})), **dict(args.edit_set)}  # --set wins (editing.config)
+    if getattr(args, "hparams_from", None) is not None:
+        edit = {**imported_overrides(args.hparams_from, data), **edit}
     if args.layers is not None:
         edit.update(layer_overrides(args.layers, args.distribution))
     elif args.distribution is not None:
