@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from editing.models.adapter import ModelAdapter, block_hidden
-from editing.tokens import encode_prompt, last_token_before
+from editing.tokens import encode_prompt, encode_target, last_token_before
 
 KINDS = ("hidden", "mlp", "attn")
 ROLES = ("first subject", "middle subject", "last subject", "first after", "further", "last")
@@ -222,6 +222,28 @@ def trace_fact(adapter: ModelAdapter, fact: TraceFact, settings: TraceSettings =
     answer, p_clean, p_corrupted, restored = tracer.run(settings)
     return FactTrace(fact, [tokenizer.decode([i]) for i in ids], tokenizer.decode([answer]), p_clean, p_corrupted,
                      restored, _roles(len(ids), first, last))
+
+
+def knows(adapter: ModelAdapter, fact: TraceFact) -> bool:
+    """Whether the model's top prediction after the prompt is the first token of the fact's answer (ROME traces
+    the facts a model knows: elsewhere the prediction it restores is a function word, not the fact)."""
+    if not fact.answer:
+        return True
+    ids = torch.tensor([encode_prompt(adapter.tokenizer, fact.prompt)], device=adapter.device)
+    with torch.no_grad():
+        hidden = adapter.model.base_model(input_ids=ids).last_hidden_state[:, -1]
+    return int(adapter.logits(hidden).argmax()) == encode_target(adapter.tokenizer, fact.answer)[0]
+
+
+def known_facts(adapter: ModelAdapter, facts: Sequence[TraceFact], limit: int | None = None) -> list[TraceFact]:
+    """The first ``limit`` of ``facts`` the model :func:`knows`."""
+    kept = []
+    for fact in facts:
+        if limit is not None and len(kept) >= limit:
+            break
+        if knows(adapter, fact):
+            kept.append(fact)
+    return kept
 
 
 def trace_facts(adapter: ModelAdapter, facts: Sequence[TraceFact], settings: TraceSettings = TraceSettings(),

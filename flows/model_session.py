@@ -20,6 +20,8 @@ from editing.runtime import Runtime
 
 class ModelSession:
     _loaded: ClassVar[dict[tuple[str, str, str, str, bool], "ModelSession"]] = {}
+    loads: ClassVar[int] = 0
+    """Models this process has loaded (a long-lived serving process should load each once)."""
 
     def __init__(self, adapter: ModelAdapter) -> None:
         self.adapter = adapter
@@ -38,6 +40,7 @@ class ModelSession:
                 adapter = load_model(model, dtype=runtime.model_dtype, device_map=runtime.device_map,
                                      float32_master=runtime.float32_master)
             cls._loaded[key] = cls(adapter)
+            cls.loads += 1
         return cls._loaded[key]
 
     @classmethod

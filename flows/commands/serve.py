@@ -7,6 +7,11 @@ run left it, evaluates, checks for collapse, and stops when the pool is empty.
 The run is created here, from the run options, unless ``--run ID`` names an
 existing one. Serving blocks until interrupted (Ctrl-C); the Prefect UI shows
 the deployment, its schedule, its flow runs and their artifacts.
+
+The serving process executes the scheduled flow runs itself (:mod:`flows.resident`), so the model is
+loaded once and stays on its device between updates; each run restores the run's state from the ledger,
+hash-verified. ``--process-per-run`` hands them to Prefect's runner instead, which starts a process (and
+loads the model) per flow run.
 """
 
 from __future__ import annotations
@@ -25,6 +30,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--timezone", default="UTC", help="timezone of the schedule (default UTC)")
     parser.add_argument("--run", type=int, metavar="RUN_ID", help="serve this existing run instead of creating one")
     parser.add_argument("--deployment-name", default=None, help="default: seqedit-run-<RUN_ID>")
+    parser.add_argument("--process-per-run", action="store_true", help="run each scheduled flow run in a new "
+                        "process (Prefect's runner; the model is loaded every time) instead of in this one")
+    parser.add_argument("--poll", type=float, default=5.0, help="seconds between looks for due flow runs (default 5)")
     parser.add_argument("--db", metavar="URL", help=DB_HELP)
     add_run_options(parser)
     parser.set_defaults(handler=handle)
@@ -66,6 +74,13 @@ def handle(args: argparse.Namespace) -> int:
     else:
         run_id = get_run(engine, args.run).id
     deployment = bulk_update_deployment(run_id, url, args.cron, args.timezone, args.deployment_name)
-    print(f"serving deployment {deployment.name!r} on cron {args.cron!r} ({args.timezone}); Ctrl-C stops")
-    serve(deployment)
+    where = "a new process per flow run" if args.process_per_run else "this process, the model kept loaded"
+    print(f"serving deployment {deployment.name!r} on cron {args.cron!r} ({args.timezone}) in {where}; "
+          "Ctrl-C stops", flush=True)
+    if args.process_per_run:
+        serve(deployment)
+    else:
+        from flows.resident import serve_resident
+
+        serve_resident(deployment, poll_s=args.poll)
     return 0

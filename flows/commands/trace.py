@@ -11,6 +11,9 @@ subject is corrupted, averaged over facts. Writes into DIR:
 * ``<model>-traced.yaml`` — a skeleton hparams file whose edit layers are the suggested window: the
   ``--width`` consecutive layers (5, as MEMIT's) with the largest summed MLP effect at the last subject
   token, and ROME's single layer at that curve's peak. Use it with ``--hparams DIR/<model>-traced.yaml``.
+
+Only facts the model knows are traced (its top prediction is the first token of the answer, as ROME selects),
+the first ``--limit`` of them; ``--all-facts`` traces the first ``--limit`` whatever the model predicts.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", help="model name or path (default: the embedded SmolLM2-135M)")
     parser.add_argument("--facts", help="fact file or catalog dataset (default: known_1000)")
     parser.add_argument("--limit", type=int, default=50, help="facts traced (default 50)")
+    parser.add_argument("--all-facts", action="store_true", help="trace every fact, not only those the model knows "
+                        "(whose top prediction is the first token of the answer, ROME's selection)")
     parser.add_argument("--out", type=Path, required=True, help="folder for trace.png, trace.json and the hparams")
     parser.add_argument("--samples", type=int, default=10, help="noise draws per fact (default 10, ROME's)")
     parser.add_argument("--noise", type=float, default=3.0, help="noise std in embedding stds (default 3, ROME's)")
@@ -60,7 +65,7 @@ def trace_facts_of(records: list[Mapping[str, Any]], where: str) -> list:
 
 
 def handle(args: argparse.Namespace) -> int:
-    from editing.causal_trace import KINDS, TraceSettings, peak_layer, suggest_layers, trace_facts
+    from editing.causal_trace import KINDS, TraceSettings, known_facts, peak_layer, suggest_layers, trace_facts
     from editing.data import resolve
     from editing.models import load_model
     from editing.runtime import Runtime
@@ -72,15 +77,16 @@ def handle(args: argparse.Namespace) -> int:
                          f"(got {args.kinds!r}; known {', '.join(KINDS)})")
     path = Path(args.facts) if args.facts and Path(args.facts).is_file() else \
         resolve(args.facts or "known_1000", root=getattr(args, "data_dir", None)).path
-    records = json.loads(path.read_text())
-    if args.limit is not None:
-        records = records[:args.limit]
-    facts = trace_facts_of(records, path.name)
+    facts = trace_facts_of(json.loads(path.read_text()), path.name)
     runtime = Runtime(**runtime_from_args(args))
     runtime.apply_threads()
     placement = {"device_map": runtime.device_map} if runtime.device_map is not None else \
         {"device": runtime.torch_device}
     adapter = load_model(args.model, dtype=runtime.model_dtype, **placement)
+    candidates = len(facts)
+    facts = facts[:args.limit] if args.all_facts else known_facts(adapter, facts, args.limit)
+    if not facts:
+        raise ValueError(f"{path.name}: the model knows none of its {candidates} facts (--all-facts traces them anyway)")
     summary = trace_facts(adapter, facts, settings)
     window, peak = suggest_layers(summary, args.width), peak_layer(summary)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 
-from editing.causal_trace import TraceFact, TraceSettings, suggest_layers, trace_fact, trace_facts
+from editing.causal_trace import TraceFact, TraceSettings, knows, suggest_layers, trace_fact, trace_facts
 from editing.config import load_edit_config
 from flows.cli import main
 
@@ -29,6 +29,9 @@ def test_restoring_the_last_blocks_output_gives_back_exactly_what_it_should(smol
     first = trace.roles.index(0)
     np.testing.assert_allclose(row[first:-1], trace.p_corrupted, atol=1e-5)
     assert np.isnan(trace.restored["hidden"][0]).all()  # a layer not traced stays unmeasured
+    # the facts traced by default are those the model knows: its top prediction starts the answer
+    assert knows(smollm2, TraceFact(FACT.prompt, FACT.subject, "Paris"))
+    assert not knows(smollm2, TraceFact(FACT.prompt, FACT.subject, "Rome"))
 
 
 def test_without_noise_every_restoration_is_the_clean_run(tiny_model):
@@ -51,7 +54,7 @@ def test_the_window_is_the_largest_summed_mlp_effect_at_the_last_subject_token(t
 
 def test_seqedit_trace_writes_the_heatmap_the_tables_and_a_usable_hparams_file(tiny_model_folder, tmp_path, capsys):
     out = tmp_path / "trace"
-    assert main(["trace", "--model", tiny_model_folder, "--limit", "2", "--samples", "2", "--window", "2",
+    assert main(["trace", "--model", tiny_model_folder, "--all-facts", "--limit", "2", "--samples", "2", "--window", "2",
                  "--width", "2", "--out", str(out), "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
     assert "2 facts of known_1000.json" in printed and "suggested edit window" in printed

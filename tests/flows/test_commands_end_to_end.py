@@ -115,7 +115,7 @@ def test_serve_runs_its_deployment_when_triggered(tiny_model_folder, prefect_ser
     ingest_file(engine, tmp_path / "update-1.json", source=SOURCE)  # tonight's update
     env = {**os.environ, "PREFECT_API_URL": prefect_server, "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
     server = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--cron", "0 2 * * *", "--run",
-                               str(run_id), "--db", url], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               str(run_id), "--db", url, "--poll", "1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True)
     name = f"sequential_edit/seqedit-run-{run_id}"
     try:

@@ -210,12 +210,13 @@ def test_a_sigterm_stops_the_run_with_its_temporary_prefect_server_and_the_run_r
     assert _hashes(engine, run_id) == reference
 
 
-@pytest.mark.parametrize("algorithm", ["encore", "alphaedit", "rlsedit", "rect", "nas"])
+@pytest.mark.parametrize("algorithm", ["encore", "alphaedit", "rlsedit", "rect", "nas", "lyaplock"])
 def test_a_lifelong_run_rolled_back_and_resumed_rebuilds_its_edit_memory(ledger, algorithm):
     """The edit memory S (and RLSEdit's running inverse P) decides every later update of these objectives: a
     run rolled back to batch 1 and edited on must rebuild S and P from the ledger without batch 2's keys,
     exactly, or batch 3 comes out different from an uninterrupted run's (both runs edit the same facts, private
-    pools). RECT's dense deltas and NAS's anchor (recomputed on the unedited model) must replay the same way."""
+    pools). RECT's dense deltas, NAS's anchor (recomputed on the unedited model) and LyapLock's virtual queue
+    (replayed from the ledger's history) must come back the same way."""
     from flows.pipeline import rollback_run
 
     url, engine, _, _ = ledger
