@@ -8,6 +8,7 @@ to bfloat16 and added to bfloat16 weights). At each checkpoint it prints, per ed
 plain bfloat16 weights), and each run's ES/PS/NS and WikiText-2 perplexity at its evaluations.
 
     python bench/bf16_drift.py --edits 500 --batch-size 25 --checkpoints 100,250,500
+    python bench/bf16_drift.py --edits 100 --batch-size 20 --checkpoints 20,60,100 --set values.n_prefixes=0
 """
 
 from __future__ import annotations
@@ -42,8 +43,12 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=25)
     parser.add_argument("--checkpoints", default="100,250,500", help="edit counts at which drift is measured")
     parser.add_argument("--algorithm", default="memit")
+    parser.add_argument("--eval-every", type=int, default=None, help="batches between evaluations (default: the "
+                        "first checkpoint's)")
     parser.add_argument("--facts", type=Path, default=FACTS, help="CounterFact records (never used for tuning)")
     parser.add_argument("--db", help="ledger URL (default: a temporary SQLite file)")
+    parser.add_argument("--set", dest="edit_set", action="append", default=[], metavar="KEY=VALUE",
+                        help="edit overrides for all three runs, e.g. values.n_prefixes=0 stats.n_samples=500")
     args = parser.parse_args()
     checkpoints = [int(n) for n in args.checkpoints.split(",")]
     if any(n % args.batch_size for n in checkpoints):
@@ -55,7 +60,9 @@ def main() -> int:
     subset = Path(tempfile.mkdtemp()) / "facts.json"
     subset.write_text(json.dumps(records))
     ingest_file(engine, subset, source="drift")
-    eval_every = max(1, min(checkpoints) // args.batch_size)
+    eval_every = args.eval_every or max(1, min(checkpoints) // args.batch_size)
+    overrides = {key: json.loads(value) if value[:1].isdigit() or value[:1] in "[{-" else value
+                 for key, value in (item.split("=", 1) for item in args.edit_set)}
     run_ids, seconds = {}, {}
     for name, runtime in RUNS.items():
         settings = {"name": f"bf16-drift/{name}", "algorithm": args.algorithm, "batch_size": args.batch_size,
@@ -63,7 +70,7 @@ def main() -> int:
                     "eval_every": eval_every, "evaluation_profile": "quick", "health_checks": False,
                     "evaluation_overrides": {"downstream_tasks": [], "perplexity_corpora": ["wikitext-2-test"],
                                              "generation": False, "wild": False},
-                    "collapse": {"action": "warn"}}
+                    "collapse": {"action": "warn"}, "edit_overrides": overrides}
         started = time.perf_counter()
         run_ids[name] = sequential_edit(settings=settings, db_url=url)["run_id"]
         seconds[name] = time.perf_counter() - started

@@ -103,8 +103,9 @@ def _module(adapter: ModelAdapter, kind: str, layer: int) -> torch.nn.Module:
 def _layers_restored(kind: str, layer: int, n_layers: int, window: int) -> range:
     if kind == "hidden":
         return range(layer, layer + 1)
-    low = max(0, layer - window // 2)
-    return range(low, min(n_layers, low + window))
+    # centred on the layer and cut at the model's ends, as ROME's trace does: a window shifted inwards instead
+    # would restore the same layers for every layer near an end and flatten the curve there
+    return range(max(0, layer - window // 2), min(n_layers, layer - (-window // 2)))
 
 
 def _roles(n_tokens: int, first: int, last: int) -> list[int]:
