@@ -27,6 +27,7 @@ from db.history import metrics_frame
 from db.ingest import ingest_file
 from db.migrate import upgrade
 from db.replay import weights_at
+from flows.commands.common import parse_override
 from flows.pipeline import sequential_edit
 
 FACTS = (Path(__file__).resolve().parents[1].parent / "shared" / "data" / "counterfact"
@@ -47,7 +48,8 @@ def main() -> int:
                         "first checkpoint's)")
     parser.add_argument("--facts", type=Path, default=FACTS, help="CounterFact records (never used for tuning)")
     parser.add_argument("--db", help="ledger URL (default: a temporary SQLite file)")
-    parser.add_argument("--set", dest="edit_set", action="append", default=[], metavar="KEY=VALUE",
+    parser.add_argument("--set", dest="edit_set", type=parse_override, action="append", default=[],
+                        metavar="KEY=VALUE",
                         help="edit overrides for all three runs, e.g. values.n_prefixes=0 stats.n_samples=500")
     args = parser.parse_args()
     checkpoints = [int(n) for n in args.checkpoints.split(",")]
@@ -61,8 +63,7 @@ def main() -> int:
     subset.write_text(json.dumps(records))
     ingest_file(engine, subset, source="drift")
     eval_every = args.eval_every or max(1, min(checkpoints) // args.batch_size)
-    overrides = {key: json.loads(value) if value[:1].isdigit() or value[:1] in "[{-" else value
-                 for key, value in (item.split("=", 1) for item in args.edit_set)}
+    overrides = dict(args.edit_set)
     run_ids, seconds = {}, {}
     for name, runtime in RUNS.items():
         settings = {"name": f"bf16-drift/{name}", "algorithm": args.algorithm, "batch_size": args.batch_size,

@@ -14,10 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
-
-import torch
 
 from edit_throughput import TRAIN, timed
 from db.tensors import delta_to_bytes, keys_to_bytes

@@ -23,6 +23,7 @@ from db.engine import make_engine
 from db.ingest import ingest_file
 from db.migrate import upgrade
 from editing.data import resolve
+from flows.commands.common import parse_override
 from flows.pipeline import sequential_edit
 
 
@@ -30,7 +31,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None)
     parser.add_argument("--hparams", default=None)
-    parser.add_argument("--set", dest="edit_set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--set", dest="edit_set", type=parse_override, action="append", default=[],
+                        metavar="KEY=VALUE")
     parser.add_argument("--facts", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
@@ -40,8 +42,7 @@ def main() -> int:
     records = json.loads(resolve("counterfact-sample").path.read_text())[: args.facts]
     (folder / "facts.json").write_text(json.dumps(records))
     ingest_file(make_engine(url), folder / "facts.json", source="bench")
-    overrides = {key: json.loads(value) if value[:1].isdigit() or value[:1] in "[{" else value
-                 for key, value in (item.split("=", 1) for item in args.edit_set)}
+    overrides = dict(args.edit_set)
     settings = {"algorithm": "memit", "batch_size": args.facts, "eval_every": 0, "health_checks": False,
                 "fact_source": "bench", "runtime": {"device": "cpu"}, "edit_overrides": overrides,
                 **({"model": args.model} if args.model else {}), **({"hparams": args.hparams} if args.hparams else {})}

@@ -13,13 +13,10 @@ left in any state by the previous run — or by a failure — is never trusted.
 
 from __future__ import annotations
 
-import logging
 import time
 from datetime import datetime, timezone
 from typing import Callable
 from uuid import UUID
-
-log = logging.getLogger(__name__)
 
 
 def due_flow_runs(client, deployment_id: UUID) -> list:
