@@ -27,7 +27,7 @@ from sqlalchemy import URL, Connection, Engine, create_engine, event, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.errors import LedgerUnavailableError
+from db.errors import LedgerReadOnlyError, LedgerUnavailableError
 
 URL_ENV = "SEQEDIT_DATABASE_URL"
 DEFAULT_URL = "sqlite:///seqedit.db"
@@ -153,6 +153,29 @@ def check_connection(engine: Engine) -> None:
     except DBAPIError as error:
         reason = str(error.orig).strip().splitlines()[0] if error.orig is not None else str(error)
         raise LedgerUnavailableError(f"cannot open the ledger {display_url(engine)}: {reason}") from None
+
+
+WRITTEN_TABLES = ("facts", "runs", "batches", "batch_facts", "weight_deltas", "checkpoints", "evaluations", "metrics")
+"""The tables every writing command changes: a role without INSERT or UPDATE on one of them is an auditor's."""
+
+
+def require_writable(engine: Engine) -> None:
+    """Refuse at once (:class:`LedgerReadOnlyError`) when the connected PostgreSQL role may not write the ledger
+    (SQLite's read-only files are refused by :func:`make_engine`), so that a writing command run under an
+    auditor's role stops with one line before it loads a model — instead of failing on its first INSERT."""
+    if engine.dialect.name != "postgresql":
+        return
+    with engine.connect() as connection:
+        user = connection.exec_driver_sql("SELECT current_user").scalar()
+        missing = [table for table in WRITTEN_TABLES
+                   if not connection.exec_driver_sql(
+                       "SELECT has_table_privilege(current_user, to_regclass(%(table)s), 'INSERT') "
+                       "AND has_table_privilege(current_user, to_regclass(%(table)s), 'UPDATE')",
+                       {"table": table}).scalar()]
+    if missing:
+        raise LedgerReadOnlyError(f"the ledger role {user!r} may only read ({', '.join(missing)}: no INSERT or "
+                                  f"UPDATE): this command writes the ledger; history, verify, identify, report "
+                                  f"and export work under it")
 
 
 def _configure_sqlite_reader(dbapi_connection: sqlite3.Connection, _record: object) -> None:

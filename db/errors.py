@@ -42,3 +42,7 @@ class RequestLostError(LedgerError):
 class LedgerUnavailableError(LedgerError, ValueError):
     """The ledger cannot be opened as asked: a malformed URL, a missing or non-SQLite file, a read-only
     ledger opened for writing, an unreachable server or database. Always the user's to fix."""
+
+
+class LedgerReadOnlyError(LedgerError, ValueError):
+    """The ledger's role may only read (an auditor's): a command that writes is refused before it starts."""

@@ -16,6 +16,7 @@ from typing import Iterable, NamedTuple
 from sqlalchemy import Engine, insert, select
 from sqlalchemy.orm import Session
 
+from db.chain import seal_evaluation
 from db.engine import transaction
 from db.errors import BatchStateError
 from db.models import (EVALUATION_KINDS, AlarmRecord, BatchRecord, BatchStatus, EvaluationRecord, EvaluationStatus,
@@ -74,6 +75,8 @@ def record_evaluation(engine: Engine, run_id: int, seq: int, metrics: Iterable[M
                                     metric=alarm.metric, value=_number(alarm.value), baseline=_number(alarm.baseline),
                                     threshold=_number(alarm.threshold), action=alarm.action, message=alarm.message)
                         for alarm in alarms)
+        session.flush()
+        seal_evaluation(session, evaluation.id)
         if request is not None:
             complete_request(session, *request, evaluation_id=evaluation.id)
         return evaluation.id

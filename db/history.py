@@ -39,10 +39,12 @@ def _frame(engine: Engine, query: Select) -> pd.DataFrame:
 
 
 def runs_frame(engine: Engine) -> pd.DataFrame:
-    """Every run with its model, algorithm, batch size and status."""
+    """Every run with its model, algorithm, batch size, status and lineage (a branch's parent, the point it
+    branches from, the fact it retracts and why)."""
     columns = [RunRecord.id.label("run_id"), RunRecord.name, RunRecord.model_name, RunRecord.algorithm,
                RunRecord.distribution, RunRecord.batch_size, RunRecord.eval_every, RunRecord.checkpoint_every,
-               RunRecord.status, RunRecord.created_at, RunRecord.updated_at]
+               RunRecord.status, RunRecord.parent_run_id, RunRecord.parent_seq, RunRecord.retracted_fact_id,
+               RunRecord.branch_reason, RunRecord.created_at, RunRecord.updated_at]
     return _frame(engine, select(*columns).order_by(RunRecord.id))
 
 
@@ -133,6 +135,72 @@ def run_facts_frame(engine: Engine, run_id: int) -> pd.DataFrame:
              .join(FactRecord, BatchFact.fact_id == FactRecord.id)
              .where(BatchRecord.run_id == run_id).order_by(BatchRecord.id, BatchFact.position))
     return _frame(engine, query)
+
+
+def subject_timeline(engine: Engine, subject: str) -> pd.DataFrame:
+    """Every fact whose subject contains ``subject`` (any case), across runs, oldest first: one row per batch that
+    took it (and one for a fact no batch took), with its status in that run — ``applied``, ``rolled back``,
+    ``retracted`` (a branch of the run leaves it out), ``superseded`` (a later fact corrects it), ``failed``,
+    or the fact's own status when no batch took it — and the evaluation of that run nearest after the batch:
+    its point, the ES of the batch it evaluated and the retention ES of earlier edits."""
+    edits = edits_for_subject(engine, subject)
+    facts = _frame(engine, select(FactRecord.id.label("fact_id"), FactRecord.subject, FactRecord.prompt,
+                                  FactRecord.target_new, FactRecord.target_true, FactRecord.source,
+                                  FactRecord.status.label("fact_status"), FactRecord.superseded_by)
+                   .where(func.lower(FactRecord.subject).contains(subject.lower(), autoescape=True),
+                          FactRecord.identity_key.is_not(None))
+                   .order_by(FactRecord.id))
+    superseded = dict(zip(facts["fact_id"], facts["superseded_by"]))
+    never = facts[~facts["fact_id"].isin(edits["fact_id"])].drop(columns="superseded_by")
+    branches = _frame(engine, select(RunRecord.id.label("branch_run_id"), RunRecord.parent_run_id,
+                                     RunRecord.retracted_fact_id).where(RunRecord.parent_run_id.is_not(None)))
+    retracted = {(int(row.parent_run_id), int(row.retracted_fact_id)): int(row.branch_run_id)
+                 for row in branches.itertuples()}
+    runs = edits["run_id"].dropna().unique()
+    active = {run_id: _headline_by_point(engine, int(run_id), include_rolled_back=False) for run_id in runs}
+    every = {run_id: _headline_by_point(engine, int(run_id), include_rolled_back=True) for run_id in runs}
+
+    def status(row) -> str:
+        if row.batch_status != BatchStatus.APPLIED:
+            return str(row.batch_status).replace("_", " ")
+        if (row.run_id, row.fact_id) in retracted:
+            return f"retracted (branch run {retracted[(row.run_id, row.fact_id)]})"
+        if not pd.isna(superseded.get(row.fact_id)):
+            return f"superseded by fact {superseded[row.fact_id]}"
+        return "applied"
+
+    rows = []
+    for row in edits.itertuples():
+        # an applied edit is judged by the history that stands; a rolled-back one by what was measured before it went
+        point = (active if row.batch_status == BatchStatus.APPLIED else every)[row.run_id]
+        after = point[point["seq"] >= row.seq].head(1)
+        rows.append({"fact_id": row.fact_id, "subject": row.subject, "prompt": row.prompt,
+                     "target_new": row.target_new, "target_true": row.target_true, "run_id": row.run_id,
+                     "seq": row.seq, "time": row.finished_at, "status": status(row),
+                     "eval_seq": after["seq"].iloc[0] if len(after) else pd.NA,
+                     "eval_es": after["es"].iloc[0] if len(after) else float("nan"),
+                     "eval_retention_es": after["retention.es"].iloc[0] if len(after) else float("nan")})
+    for row in never.itertuples():
+        label = (f"superseded by fact {superseded[row.fact_id]}" if not pd.isna(superseded.get(row.fact_id))
+                 else str(row.fact_status))
+        rows.append({"fact_id": row.fact_id, "subject": row.subject, "prompt": row.prompt,
+                     "target_new": row.target_new, "target_true": row.target_true, "run_id": pd.NA, "seq": pd.NA,
+                     "time": pd.NaT, "status": label, "eval_seq": pd.NA, "eval_es": float("nan"),
+                     "eval_retention_es": float("nan")})
+    columns = ["fact_id", "subject", "prompt", "target_new", "target_true", "run_id", "seq", "time", "status",
+               "eval_seq", "eval_es", "eval_retention_es"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _headline_by_point(engine: Engine, run_id: int, include_rolled_back: bool) -> pd.DataFrame:
+    """(seq, es, retention.es) of a run's full evaluations by point."""
+    frame = metrics_frame(engine, run_id, include_rolled_back=include_rolled_back, kind="full")
+    wide = (frame.pivot_table(index="seq", columns="name", values="value", aggfunc="last")
+            if not frame.empty else pd.DataFrame(index=pd.Index([], name="seq")))
+    for name in ("es", "retention.es"):
+        if name not in wide:
+            wide[name] = float("nan")
+    return wide[["es", "retention.es"]].reset_index().sort_values("seq")
 
 
 def edits_for_subject(engine: Engine, subject: str) -> pd.DataFrame:

@@ -9,6 +9,10 @@ Every record ends up as exactly one row (or is recognised as already there):
 * invalid → ``rejected``, with the reason code, field and detail from
   :class:`FactValidationError`, its location and its raw bytes.
 
+A new fact about a subject and relation (its ``relation_id``, else its prompt) that already has an *applied*
+fact with another target is a correction: the older fact gets ``superseded_by`` the new one (it stays, and stays
+applied in the runs that edited it, until a run edits the correction), so the audit shows both.
+
 A record is identified by (source, position, sha256 of its bytes): ingesting
 the same file again finds every record present and inserts nothing, while a
 changed record at the same position is a new one. The whole ingest is one
@@ -28,7 +32,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from sqlalchemy import Engine, insert, select
+from sqlalchemy import Engine, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -65,6 +69,8 @@ class IngestSummary:
     duplicates: int = 0
     unchanged: int = 0
     """Records found already ingested from this source (re-ingestion)."""
+    superseded: list[tuple[int, int]] = field(default_factory=list)
+    """(older applied fact, the new fact that corrects it) for every supersession this ingest recorded."""
     rejected: Counter[str] = field(default_factory=Counter)
     """Rejected records newly stored, by reason code."""
     examples: list[Rejection] = field(default_factory=list)
@@ -80,6 +86,7 @@ class IngestSummary:
             "pending": self.pending, "duplicates": self.duplicates, "unchanged": self.unchanged,
             "rejected": self.rejected_total, "rejected_by_reason": dict(sorted(self.rejected.items())),
             "rejection_examples": [vars(example) for example in self.examples],
+            "superseded": [{"fact_id": old, "superseded_by": new} for old, new in self.superseded],
             "seconds": round(self.seconds, 3),
         }
 
@@ -89,6 +96,9 @@ class IngestSummary:
                  f"  rejected   {self.rejected_total:>7}"]
         lines += [f"    {reason:<24} {count:>7}" for reason, count in sorted(self.rejected.items())]
         lines.append(f"  unchanged  {self.unchanged:>7}  (already ingested)")
+        if self.superseded:
+            lines.append(f"  supersede  {len(self.superseded):>7}  applied facts, now corrected: "
+                         + ", ".join(f"{old} → {new}" for old, new in self.superseded[:MAX_EXAMPLES]))
         if self.examples:
             lines.append("  first rejections:")
             lines += [f"    {example.location}: {example.reason} ({example.field}): {example.detail}"
@@ -181,6 +191,7 @@ def _store_chunk(session: Session, source: str, chunk: list[SourceRecord], canon
             [_valid_row(source, item, FactStatus.PENDING) for item in firsts.values()],
         ).tuples().all()
         canonical.update(inserted)
+        summary.superseded += _supersede(session, [(canonical[key], item.fact) for key, item in firsts.items()])
     if duplicates:
         session.execute(insert(FactRecord), [
             {**_valid_row(source, item, FactStatus.DUPLICATE), "duplicate_of": canonical[item.key]}
@@ -197,6 +208,29 @@ def _store_chunk(session: Session, source: str, chunk: list[SourceRecord], canon
         if len(summary.examples) < MAX_EXAMPLES:
             summary.examples.append(Rejection(item.record.location, item.problem.reason, item.problem.field,
                                               _clip(item.problem.detail)))
+
+
+def _supersede(session: Session, new: list[tuple[int, Fact]]) -> list[tuple[int, int]]:
+    """Mark the applied facts that the ``new`` (id, fact) pairs correct (see the module docstring)."""
+    by_subject: dict[str, list[tuple[int, Fact]]] = {}
+    for fact_id, fact in new:
+        by_subject.setdefault(fact.subject, []).append((fact_id, fact))
+    older = session.execute(
+        select(FactRecord.id, FactRecord.subject, FactRecord.relation_id, FactRecord.prompt, FactRecord.target_new)
+        .where(FactRecord.subject.in_(list(by_subject)), FactRecord.status == FactStatus.APPLIED,
+               FactRecord.superseded_by.is_(None))
+        .order_by(FactRecord.id)).all()
+    marked = []
+    for old_id, subject, relation, prompt, target in older:
+        for new_id, fact in by_subject[subject]:
+            same_relation = relation == fact.relation_id if fact.relation_id else (relation is None and
+                                                                                     prompt == fact.prompt)
+            if new_id > old_id and same_relation and target != fact.target_new:
+                marked.append((old_id, new_id))
+                break
+    for old_id, new_id in marked:
+        session.execute(update(FactRecord).where(FactRecord.id == old_id).values(superseded_by=new_id))
+    return marked
 
 
 def _source_columns(source: str, item: _Checked) -> dict[str, Any]:

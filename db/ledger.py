@@ -40,6 +40,7 @@ import torch
 from sqlalchemy import ColumnElement, Engine, and_, insert, select, update
 from sqlalchemy.orm import Session
 
+from db.chain import seal_batch
 from db.engine import transaction
 from db.errors import BatchStateError, LedgerError, LedgerIntegrityError, RunLockedError
 from db.locks import writer_lock
@@ -68,7 +69,22 @@ class ClaimedBatch:
 
 def available_facts(run: RunInfo) -> ColumnElement[bool]:
     """The condition on ``facts`` rows that ``run`` may claim next (see :meth:`RunWriter.claim_batch`)."""
+    if run.spec.parent_run_id is not None:
+        return branch_condition(run)
     return pool_condition(run.spec.fact_pool, run.spec.fact_source, run.id)
+
+
+def branch_condition(run: RunInfo) -> ColumnElement[bool]:
+    """A branch's pool: the facts of its parent's batches after ``parent_seq`` that were applied when the branch
+    was made, without the retracted fact and without those the branch has edited already — in fact-id order,
+    the order the parent claimed them in."""
+    later = (select(BatchFact.fact_id).join(BatchRecord, BatchFact.batch_id == BatchRecord.id)
+             .where(BatchRecord.run_id == run.spec.parent_run_id, BatchRecord.status == BatchStatus.APPLIED,
+                    BatchRecord.seq > run.spec.parent_seq, BatchRecord.finished_at <= run.created_at))
+    in_history = (select(BatchFact.fact_id).join(BatchRecord, BatchFact.batch_id == BatchRecord.id)
+                  .where(BatchRecord.run_id == run.id, BatchRecord.status.in_(ACTIVE_BATCH_STATUSES)))
+    return and_(FactRecord.id.in_(later), FactRecord.id != run.spec.retracted_fact_id,
+                FactRecord.id.not_in(in_history))
 
 
 def pool_condition(fact_pool: str, fact_source: str | None, run_id: int | None = None) -> ColumnElement[bool]:
@@ -178,8 +194,8 @@ class RunWriter:
 
     @property
     def private(self) -> bool:
-        """A private pool: the facts' global status is not this run's to change."""
-        return self.run.spec.fact_pool == "private"
+        """A private pool or a branch: the facts' global status is not this run's to change."""
+        return self.run.spec.fact_pool == "private" or self.run.spec.parent_run_id is not None
 
     def in_progress_batch(self) -> ClaimedBatch | None:
         """The batch claimed but never committed or failed (a crash), with the same facts; else None."""
@@ -238,6 +254,7 @@ class RunWriter:
                 self._set_fact_status(session, [batch.id], FactStatus.APPLIED, (FactStatus.CLAIMED,))
             if snapshot:
                 self._store_checkpoint(session, batch, snapshot)
+            seal_batch(session, batch.id)
 
     def fail_batch(self, batch: ClaimedBatch, error: str) -> None:
         """Mark ``batch`` failed (with ``error``) and return its facts to the pending pool."""

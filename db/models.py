@@ -147,6 +147,10 @@ class FactRecord(Base):
     identity_key: Mapped[str | None] = mapped_column(String(64))
     """:meth:`Fact.identity_key`; NULL for rejected records."""
     duplicate_of: Mapped[int | None] = mapped_column(ForeignKey("facts.id"))
+    superseded_by: Mapped[int | None] = mapped_column(ForeignKey("facts.id"))
+    """A later fact about the same subject and relation with another target, ingested while this one was
+    applied: the correction that replaces it (see :mod:`db.supersession`). Kept beside ``status``, not in it,
+    because the fact stays applied in the runs that edited it until they edit its successor."""
     subject: Mapped[str | None] = mapped_column(Text)
     prompt: Mapped[str | None] = mapped_column(Text)
     target_new: Mapped[str | None] = mapped_column(Text)
@@ -213,6 +217,12 @@ class RunRecord(Base):
     order, whatever other runs did, and leaves the facts' global status alone."""
     fact_source: Mapped[str | None] = mapped_column(String(200))
     """Only facts ingested under this source name (NULL: any source; required for ``private``)."""
+    parent_run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id"))
+    """A branch (``seqedit retract``): the run whose history it shares up to ``parent_seq``."""
+    parent_seq: Mapped[int | None] = mapped_column(Integer)
+    retracted_fact_id: Mapped[int | None] = mapped_column(ForeignKey("facts.id"))
+    """The fact the branch leaves out of the parent's later batches."""
+    branch_reason: Mapped[str | None] = mapped_column(Text)
     status: Mapped[RunStatus] = mapped_column(_status(RunStatus, "run_status"))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
@@ -222,6 +232,7 @@ class RunRecord(Base):
         CheckConstraint("eval_every >= 0", name="eval_every_not_negative"),
         CheckConstraint("checkpoint_every > 0", name="positive_checkpoint_every"),
         CheckConstraint("fact_pool IN ('shared', 'private')", name="known_fact_pool"),
+        CheckConstraint("(parent_run_id IS NULL) = (parent_seq IS NULL)", name="branch_has_point"),
     )
 
 
@@ -257,6 +268,12 @@ class BatchRecord(Base):
     """What the edit achieved: ``memorization`` (layer → share of its residual written), v* convergence."""
     error: Mapped[str | None] = mapped_column(Text)
     rollback_id: Mapped[int | None] = mapped_column(ForeignKey("rollbacks.id"))
+    chain_record: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    """What the batch did, as sealed at commit (:mod:`db.chain`): its facts' content, its deltas' and keys'
+    sha256, the layers' hashes after it, the previous batch's chain hash (and, for batch 1, the run's
+    configuration). NULL until the batch is committed."""
+    chain_sha256: Mapped[str | None] = mapped_column(String(64))
+    """sha256 of the canonical encoding of ``chain_record``: the head of the run's hash chain at this batch."""
 
     __table_args__ = (
         Index("uq_batches_active_seq", "run_id", "seq", unique=True,
@@ -332,6 +349,9 @@ class EvaluationRecord(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     kind: Mapped[str] = mapped_column(String(16), server_default="full")
     """``full``: an evaluation point; ``health``: the cheap check after a batch (see ``EVALUATION_KINDS``)."""
+    seal_record: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    """Its metrics as recorded, bound to the chain hash of the batch it evaluated (:mod:`db.chain`)."""
+    seal_sha256: Mapped[str | None] = mapped_column(String(64))
 
     __table_args__ = (CheckConstraint(f"kind IN {EVALUATION_KINDS}", name="known_kind"),)
 

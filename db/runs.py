@@ -44,6 +44,12 @@ class RunSpec:
     fact_pool: str = "shared"
     """``shared`` or ``private`` (see :class:`db.models.RunRecord`)."""
     fact_source: str | None = None
+    parent_run_id: int | None = None
+    """A branch (:mod:`db.branch`): the run whose history up to ``parent_seq`` it shares, and the fact it
+    leaves out of the parent's later batches."""
+    parent_seq: int | None = None
+    retracted_fact_id: int | None = None
+    branch_reason: str | None = None
 
     def __post_init__(self) -> None:
         if self.fact_pool not in FACT_POOLS:

@@ -18,7 +18,7 @@ from pathlib import Path
 from types import FrameType
 
 COMMANDS = ("demo", "data", "init", "ingest", "run", "serve", "deploy_evaluator", "eval", "history", "rollback", "export",
-            "export_model", "report", "edit", "study", "trace")
+            "export_model", "report", "edit", "study", "trace", "verify", "identify", "retract")
 """Subcommand modules in :mod:`flows.commands`, in the order ``--help`` lists them."""
 
 

@@ -65,12 +65,17 @@ def _device_map(text: str) -> str | dict[str, str | int]:
 def open_ledger(url: str | None, read_only: bool = False):
     """The ledger's engine, connected once and checked to be at the current schema: every command starts
     here, so that a bad URL, an unreachable server or an old schema is one line before anything else runs.
-    ``read_only`` commands never create an SQLite file and can read a ledger they may not write."""
+    ``read_only`` commands never create an SQLite file and can read a ledger they may not write; the others are
+    refused at once, in one line, when the ledger's role may not write (an auditor's SELECT-only role)."""
     from db.engine import make_engine
     from db.migrate import require_current
 
     engine = make_engine(url, read_only=read_only, check=True)
     require_current(engine)
+    if not read_only:
+        from db.engine import require_writable
+
+        require_writable(engine)
     return engine
 
 

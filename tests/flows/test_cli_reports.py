@@ -61,8 +61,13 @@ def test_history_lists_runs_batches_metrics_and_subject_edits(recorded_run, caps
     metrics = json.loads(capsys.readouterr().out)
     assert [(row["seq"], row["n_edits"], row["es"]) for row in metrics] == [(0, 0, 0.0), (2, 4, pytest.approx(0.2))]
 
-    assert main(["history", "--db", database.url, "--subject", "Subject 7"]) == 0
-    assert "rolled_back" in capsys.readouterr().out  # fact 8 was in batch 4
+    assert main(["history", "--db", database.url, "--subject", "Subject 7", "--json"]) == 0
+    (edit,) = json.loads(capsys.readouterr().out)  # fact 8 was in batch 4, rolled back after its evaluation
+    assert (edit["fact_id"], edit["seq"], edit["status"], edit["eval_seq"]) == (8, 4, "rolled back", 4)
+    assert edit["eval_es"] == pytest.approx(0.4)
+    assert main(["history", "--db", database.url, "--subject", "Subject 5", "--json"]) == 0
+    (edit,) = json.loads(capsys.readouterr().out)  # fact 6, batch 3: the next standing evaluation is none
+    assert (edit["fact_id"], edit["seq"], edit["status"], edit["eval_seq"]) == (6, 3, "applied", None)
 
     assert main(["history", "--db", database.url, "--run", "99"]) == 2
     assert "no run 99" in capsys.readouterr().err

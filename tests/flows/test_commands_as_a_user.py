@@ -137,7 +137,7 @@ def test_history_finds_subjects_by_any_case_and_shows_unnamed_runs_blank(tiny_le
     found = json.loads(capsys.readouterr().out)
     assert found and found[0]["subject"] == subject
     assert main(["history", "--db", url, "--subject", "no such subject at all"]) == 0
-    assert "no edit of a subject containing" in capsys.readouterr().out
+    assert "no fact about a subject containing" in capsys.readouterr().out
     assert main(["history", "--db", url]) == 0
     assert "NaN" not in capsys.readouterr().out
 
