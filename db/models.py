@@ -130,6 +130,17 @@ class Base(DeclarativeBase):
     })
 
 
+class LedgerIdentity(Base):
+    """The ledger's one random id (migration 0008): what tells two ledgers apart where they share a Prefect
+    server, whose artifact keys and tags would otherwise collide (``run-1-summary`` of each)."""
+
+    __tablename__ = "ledger_identity"
+    __table_args__ = (CheckConstraint("id = 1", name="one_row"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    ledger_id: Mapped[str] = mapped_column(String(36))
+
+
 class FactRecord(Base):
     """One record of an ingested source: a valid fact, a duplicate, or a rejected record."""
 

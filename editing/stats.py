@@ -59,7 +59,12 @@ def second_moments(adapter: ModelAdapter, layers: list[int], params: StatsParams
     corpus = open_corpus(params.corpus, params.n_samples, SAMPLE_SEED)
     paths = {layer: stats_path(adapter, layer, corpus, params) for layer in layers}
     missing = [layer for layer, path in paths.items() if not path.exists()]
+    if len(missing) < len(layers):
+        log.info("C0 for layers %s read from the cache (%s)", [layer for layer in layers if layer not in missing],
+                 paths[layers[0]].parent)
     if missing:
+        log.info("computing C0 for layers %s from %d texts of %s (once: cached for later runs)", missing,
+                 params.n_samples, corpus.name)
         with adapter.original_state():
             computed, tokens = _accumulate(adapter, missing, corpus, params, progress)
         for layer, moment in computed.items():

@@ -15,7 +15,8 @@ for _name, _value in {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "DO_NOT_TRACK": "1",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
-    "PREFECT_LOGGING_LEVEL": "WARNING",
+    "PREFECT_LOGGING_LEVEL": "INFO",  # flow and task runs' own lines in the UI's Logs tab
+    "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",  # seqedit's loggers outside a flow run (prefect_ui)
     "TOKENIZERS_PARALLELISM": "false",
 }.items():
     os.environ.setdefault(_name, _value)

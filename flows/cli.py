@@ -97,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         # propagates); the one-line error below says what went wrong, -v shows the rest.
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
         handler.addFilter(lambda record: not record.name.startswith("prefect"))
+    # seqedit's loggers are at INFO for the Prefect UI's Logs tab (flows.prefect_ui); the terminal shows
+    # warnings, or everything with -v
+    handler.setLevel(logging.INFO if args.verbose else logging.WARNING)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, handlers=[handler],
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.data_dir:

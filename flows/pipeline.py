@@ -52,10 +52,12 @@ from flows.collapse import Alarm, CollapsePolicy, detect, last_healthy_seq
 from flows.failpoints import failpoint
 from flows.model_export import build_provenance, delivered_provenance, write_model_folder
 from flows.model_session import ModelSession
+from flows.prefect_ui import TASK_NAMES, artifact_key, ledger_tag, name_flow_run, send_logs_to_prefect
 from flows.run_state import RunContext, create_run_context, open_run_context
 from flows.settings import RunSettings
 
 log = logging.getLogger(__name__)
+send_logs_to_prefect()
 
 NOT_PERSISTED = {"cache_policy": NONE, "persist_result": False}
 """Tasks pass live objects (the model, the writer); nothing of theirs is cached or persisted."""
@@ -70,13 +72,14 @@ def metric_split(name: str) -> str:
 
 
 # -- tasks ---------------------------------------------------------------------------------
-@task(name="claim-batch", retries=2, retry_delay_seconds=1, **NOT_PERSISTED)
+@task(name="claim-batch", task_run_name=TASK_NAMES["claim-batch"], retries=2, retry_delay_seconds=1,
+      **NOT_PERSISTED)
 def claim_batch(writer: RunWriter, size: int) -> ClaimedBatch | None:
     """The run's uncommitted batch if there is one (crash or lost reply), else a new claim."""
     return writer.in_progress_batch() or writer.claim_batch(size)
 
 
-@task(name="apply-edit", **NOT_PERSISTED)
+@task(name="apply-edit", task_run_name=TASK_NAMES["apply-edit"], **NOT_PERSISTED)
 def apply_edit(context: RunContext, batch: ClaimedBatch) -> BatchEdit:
     """Edit the batch into the model (all layers or, on an error, none: :meth:`Editor.apply`)."""
     edit = context.editor.apply(list(batch.facts),
@@ -85,7 +88,8 @@ def apply_edit(context: RunContext, batch: ClaimedBatch) -> BatchEdit:
     return edit
 
 
-@task(name="commit-batch", retries=2, retry_delay_seconds=2, **NOT_PERSISTED)
+@task(name="commit-batch", task_run_name=TASK_NAMES["commit-batch"], retries=2, retry_delay_seconds=2,
+      **NOT_PERSISTED)
 def commit_batch(context: RunContext, writer: RunWriter, batch: ClaimedBatch, edit: BatchEdit,
                  seconds: dict[str, float]) -> None:
     checkpoint = context.adapter.snapshot(list(context.run.layers)) if batch.checkpoint_due else None
@@ -93,7 +97,7 @@ def commit_batch(context: RunContext, writer: RunWriter, batch: ClaimedBatch, ed
                         timings=seconds, checkpoint=checkpoint, diagnostics=edit.diagnostics(), keys=edit.keys)
 
 
-@task(name="evaluate-model", retries=1, **NOT_PERSISTED)
+@task(name="evaluate-model", task_run_name=TASK_NAMES["evaluate-model"], retries=1, **NOT_PERSISTED)
 def evaluate_model(context: RunContext, seq: int, batch_facts: list[Fact]) -> dict[str, float]:
     """Every metric of the evaluation at ``seq``, the time of each part included (``seconds.*``)."""
     config = context.settings.evaluation_config()
@@ -103,7 +107,8 @@ def evaluate_model(context: RunContext, seq: int, batch_facts: list[Fact]) -> di
     return report.metrics()
 
 
-@task(name="record-evaluation", retries=2, retry_delay_seconds=2, **NOT_PERSISTED)
+@task(name="record-evaluation", task_run_name=TASK_NAMES["record-evaluation"], retries=2, retry_delay_seconds=2,
+      **NOT_PERSISTED)
 def record_metrics(context: RunContext, seq: int, metrics: dict[str, float], seconds: float, kind: str,
                    alarms: list[Alarm], request: tuple[int, str] | None = None) -> int:
     """Metrics, alarms and (for an evaluation request) its completion, in one ledger transaction."""
@@ -131,6 +136,8 @@ def _edit_one_batch(context: RunContext, writer: RunWriter, batch: ClaimedBatch)
     context.seq = batch.seq
     context.editor.remember(edit)  # only once the ledger holds the batch
     seconds["commit"] = time.perf_counter() - commit_started
+    log.info("run %d batch %d committed: %d facts, edit %.1fs, commit %.1fs", context.run.id, batch.seq,
+             len(batch.facts), seconds["edit"], seconds["commit"])
     failpoint("after_commit", batch.seq)
     return edit
 
@@ -161,7 +168,7 @@ def _evaluate_point(context: RunContext, seq: int, batch_facts: list[Fact], base
     metrics = {**(extra or {}), **evaluate_model(context, seq, batch_facts)}
     alarms = _record_point(context, seq, metrics, baseline, kind="full", seconds=time.perf_counter() - started,
                            announce=announce, request=request)
-    create_table_artifact(key=f"run-{context.run.id}-evaluation",
+    create_table_artifact(key=artifact_key(context.engine, context.run.id, "evaluation"),
                           table=[{"metric": name, "value": round(value, 6)} for name, value in sorted(metrics.items())],
                           description=f"Run {context.run.id}, {announce} after batch {seq}")
     return metrics, alarms
@@ -177,7 +184,9 @@ def _record_point(context: RunContext, seq: int, metrics: dict[str, float], base
     alarms = detect(metrics, baseline, context.settings.collapse.rules) if baseline else []
     record_metrics(context, seq, metrics, seconds, kind, alarms, request)
     if kind == "full" or alarms:
-        print(_summary_line(announce, seq, metrics, alarms, seconds), flush=True)
+        line = _summary_line(announce, seq, metrics, alarms, seconds)
+        print(line, flush=True)
+        (log.warning if alarms else log.info)("run %d %s", context.run.id, line)  # the flow run's Logs tab
     return alarms
 
 
@@ -282,14 +291,17 @@ def _check_batch(context: RunContext, batch: ClaimedBatch, edit: BatchEdit, base
 
 
 def _publish_report(context: RunContext) -> None:
-    from flows.reporting import markdown_summary, metrics_wide
+    from flows.reporting import markdown_summary, metrics_wide, summary_table
 
     wide = metrics_wide(context.engine, context.run.id, kind="full")
-    if not wide.empty:
-        create_table_artifact(key=f"run-{context.run.id}-metrics", table=wide.round(6).to_dict(orient="records"),
-                              description=f"Metrics of run {context.run.id} per evaluated batch")
-    create_markdown_artifact(key=f"run-{context.run.id}-summary", markdown=markdown_summary(context.engine,
-                                                                                              context.run.id))
+    if not wide.empty:  # the headline columns (the summary artifact has their legend); every metric: `history`
+        create_table_artifact(key=artifact_key(context.engine, context.run.id, "metrics"),
+                              table=summary_table(wide).round(4).to_dict(orient="records"),
+                              description=f"Run {context.run.id}: headline metrics per evaluated batch (legend in "
+                                          f"the summary artifact; every metric: `seqedit history --run "
+                                          f"{context.run.id} --metrics`)")
+    create_markdown_artifact(key=artifact_key(context.engine, context.run.id, "summary"),
+                             markdown=markdown_summary(context.engine, context.run.id))
 
 
 # -- flows ---------------------------------------------------------------------------------
@@ -336,6 +348,7 @@ def sequential_edit(settings: dict[str, Any] | None = None, run_id: int | None =
             for abandoned_run, seq in release_abandoned_claims(engine, except_run=context.run.id):
                 print(f"took back the claimed facts of run {abandoned_run}'s batch {seq} (no process was "
                       f"running it)", flush=True)
+        name_flow_run(engine, context.run.id, "sequential edit" if run_id is None else "resume")
         context.settings.runtime.apply_threads()
         set_run_status(engine, context.run.id, RunStatus.RUNNING)
         try:
@@ -388,6 +401,7 @@ def evaluate_run(run_id: int, seq: int | None = None, db_url: str | None = None,
         seq = held[0].seq
     try:
         context = open_run_context(engine, run_id, at_seq=seq)
+        name_flow_run(engine, run_id, f"evaluate batch {context.seq}")
         context.settings.runtime.apply_threads()
         facts = batch_facts(engine, run_id, context.seq) if context.seq else []
         baseline = _baseline(context) if context.seq else {}
@@ -411,6 +425,7 @@ def rollback_run(run_id: int, to_seq: int, restore_facts: bool = True, db_url: s
     left as it is: no rollback is recorded (``rolled_back`` is False)."""
     engine = make_engine(db_url)
     require_current(engine)
+    name_flow_run(engine, run_id, f"rollback to batch {to_seq}")
     with acquire_writer(engine, run_id) as writer:
         if rollback_is_noop(engine, run_id, to_seq):
             weights, rolled_back = weights_at(engine, run_id, to_seq), False
@@ -442,5 +457,6 @@ def ingest_facts(path: str, source: str | None = None, db_url: str | None = None
     engine = make_engine(db_url)
     require_current(engine)
     summary = _ingest(engine, path, source)
-    create_markdown_artifact(key="ingest-summary", markdown=f"```\n{summary.render()}\n```")
+    create_markdown_artifact(key=f"{ledger_tag(engine)}-ingest-summary",
+                             markdown=f"```\n{summary.render()}\n```")
     return summary.to_dict()

@@ -20,6 +20,43 @@ HEADLINE = ("es", "ps", "ns", "s", "retention.es", "retention.ps", "ge")
 """Metrics shown one by one; families (``ppl.*``, ``acc.*``, ``norm.*``) are shown as their mean too."""
 FAMILIES = {"ppl": "ppl.", "acc": "acc.", "norm_w": "norm.w.", "norm_dw": "norm.dw."}
 
+LEGEND = {
+    "seq": "the batch after which the model was evaluated (0: before any edit)",
+    "n_edits": "facts in the model at that point",
+    "es": "efficacy: share of the batch's facts whose new target beats the old one on the edit prompt",
+    "ps": "paraphrase success: the same on paraphrased prompts",
+    "ns": "neighbourhood success: share of unrelated prompts about neighbours that still prefer the true object",
+    "s": "score: harmonic mean of ES, PS and NS",
+    "retention.es": "efficacy of the earlier batches' facts (a sample), measured again at this point",
+    "retention.ps": "paraphrase success of the earlier facts, measured again",
+    "ge": "generation entropy of free text (fluency; falls when the model repeats itself)",
+    "ppl.*": "perplexity on a corpus (mean.ppl: their mean; ppl.probe: the health check's short probe)",
+    "acc.*": "downstream task accuracy (mean.acc: their mean); chance.* is the task's chance level",
+    "norm.w.*": "Frobenius norm of the edited layer's weight",
+    "norm.dw.*": "‖W − W0‖_F of the edited layer: how far the edits have moved it",
+    "wild.*": "exact match of greedily generated answers (no teacher forcing)",
+}
+"""What each metric column means: printed under every summary table (markdown, Prefect artifact, HTML page)."""
+
+
+def legend_keys(columns) -> list[str]:
+    """The :data:`LEGEND` entries for the columns shown, in their order (a family once, for any of its members
+    or its ``mean.<family>``)."""
+    keys: list[str] = []
+    for column in map(str, columns):
+        if column.startswith("mean.") and column[5:] in FAMILIES:
+            column = FAMILIES[column[5:]]
+        key = column if column in LEGEND else next(
+            (family for family in LEGEND if family.endswith("*") and column.startswith(family[:-1])), None)
+        if key and key not in keys:
+            keys.append(key)
+    return keys
+
+
+def legend_markdown(columns) -> str:
+    """:func:`legend_keys` as a markdown list."""
+    return "\n".join(f"- `{key}`: {LEGEND[key]}" for key in legend_keys(columns))
+
 
 def metrics_wide(engine: Engine, run_id: int, kind: str | None = None) -> pd.DataFrame:
     """One row per active evaluation (``seq``, ``evaluation_id``, ``kind``), one column per metric, plus
@@ -91,7 +128,8 @@ def markdown_summary(engine: Engine, run_id: int) -> str:
              + ", ".join(f"{status} {count}" for status, count in sorted(counts.items())), ""]
     wide = metrics_wide(engine, run_id, kind="full")
     if not wide.empty:
-        lines += ["## Metrics per evaluation", "", _markdown(summary_table(wide)), ""]
+        table = summary_table(wide)
+        lines += ["## Metrics per evaluation", "", _markdown(table), "", legend_markdown(table.columns), ""]
     alarms = alarms_frame(engine, run_id)
     if not alarms.empty:
         lines += ["## Collapse alarms", "",

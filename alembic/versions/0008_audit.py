@@ -6,13 +6,15 @@ Create Date: 2026-12-02
 
 Batches gain ``chain_record``/``chain_sha256`` and evaluations ``seal_record``/``seal_sha256``
 (:mod:`db.chain`); runs gain their lineage (``parent_run_id``, ``parent_seq``, ``retracted_fact_id``,
-``branch_reason``) and facts ``superseded_by``. A ledger written before this revision is sealed here from its
+``branch_reason``) and facts ``superseded_by``; ``ledger_identity`` holds one random id that names the ledger
+where several share a Prefect server (artifact keys, tags). A ledger written before this revision is sealed here from its
 *current* contents, and the upgrade says so: the chain vouches for the ledger from the upgrade on, not for what
 it held before.
 """
 
 from __future__ import annotations
 
+import uuid
 from typing import Sequence
 
 import sqlalchemy as sa
@@ -45,6 +47,12 @@ def upgrade() -> None:
         batch.add_column(sa.Column("seal_record", sa.JSON, nullable=True))
         batch.add_column(sa.Column("seal_sha256", sa.String(64), nullable=True))
 
+    identity = op.create_table("ledger_identity",
+                               sa.Column("id", sa.Integer, primary_key=True),
+                               sa.Column("ledger_id", sa.String(36), nullable=False),
+                               sa.CheckConstraint("id = 1", name=op.f("ck_ledger_identity_one_row")))
+    op.bulk_insert(identity, [{"id": 1, "ledger_id": str(uuid.uuid4())}])
+
     from db.chain import seal_existing
 
     session = Session(bind=op.get_bind())
@@ -57,6 +65,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    op.drop_table("ledger_identity")
     with op.batch_alter_table("evaluations") as batch:
         batch.drop_column("seal_sha256")
         batch.drop_column("seal_record")

@@ -31,7 +31,7 @@ from typing import Sequence
 import torch
 
 from editing.models.adapter import ModelAdapter
-from editing.tokens import encode_prompt, encode_target, pad_right
+from editing.tokens import PaddedBatch, encode_prompt, encode_target, pad_right
 
 LOGIT_BUDGET = 1 << 24
 """Most logits (positions × vocabulary) materialised at once: 64 MiB of float32."""

@@ -61,6 +61,8 @@ def load_model(name_or_path: str | None = None, *, dtype: torch.dtype = torch.fl
     name = name_or_path or DEFAULT_MODEL
     folder = model_folder(name)
     source = str(folder) if folder is not None else name
+    log.info("loading model %s from %s (%s, %s)", name, source, str(dtype).removeprefix("torch."),
+             device_map or target)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         placement = {} if device_map is None else {"device_map": device_map}

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from editing.config import ObjectiveParams
-from editing.delta import LowRankDelta, WeightDelta
+from editing.delta import WeightDelta
 from editing.lyapunov import LyapunovTerms
 
 log = logging.getLogger(__name__)

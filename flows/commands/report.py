@@ -2,7 +2,8 @@
 
 With several ``--run``, the runs are compared: their curves on shared axes (ES/PS/NS of the batch just
 edited, retention, perplexity, downstream accuracy, the last edited layer's norm growth) and a table of
-where each raised its first collapse alarm."""
+where each raised its first collapse alarm. ``--html`` writes one static page for an audit of a run
+(verification, configuration, lineage, plots, metrics with a legend, alarms, rollbacks, timeline)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", type=Path, default=Path("reports"), help="folder for the files (default: ./reports)")
     parser.add_argument("--db", metavar="URL", help=DB_HELP)
     parser.add_argument("--quiet", action="store_true", help="print only the paths, not the summary")
+    parser.add_argument("--html", action="store_true", help="write the run's audit page, run-N-audit.html, instead "
+                        "(one file, no server: open it in any browser)")
     parser.set_defaults(handler=handle)
 
 
@@ -51,6 +54,16 @@ def handle(args: argparse.Namespace) -> int:
     from flows.commands.common import open_ledger
 
     engine = open_ledger(args.db, read_only=True)
+    if args.html:
+        if len(args.run) > 1:
+            raise ValueError("--html is the audit page of one run: give one --run")
+        from flows.audit_page import audit_page
+
+        args.out.mkdir(parents=True, exist_ok=True)
+        page = args.out / f"run-{args.run[0]}-audit.html"
+        page.write_text(audit_page(engine, args.run[0]), encoding="utf-8")
+        print(f"audit page: {page}")
+        return 0
     if len(args.run) > 1:
         plot, summary, markdown = write_comparison(engine, args.run, args.out)
     else:

@@ -67,7 +67,7 @@ def prepare_study(engine: Engine, spec: StudySpec) -> tuple[int, list[ArmInfo]]:
                       [(arm.name, arm.mode, arm.to_row()) for arm in spec.arms])
 
 
-@flow(name=ARM_FLOW)
+@flow(name=ARM_FLOW, flow_run_name="study arm {arm_id}")
 def study_arm(arm_id: int, db_url: str | None = None) -> dict[str, Any]:
     """Run (or continue) one arm of a study; its status, run and time are kept with it in the ledger."""
     engine = make_engine(db_url)

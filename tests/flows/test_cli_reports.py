@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import tempfile
 
 import pandas as pd
 import pytest
 import torch
+from sqlalchemy import text as sql_text
 
 from db.evaluations import AlarmRow, record_evaluation
 from db.ledger import acquire_writer
@@ -165,3 +169,47 @@ def test_the_cli_offers_every_algorithm():
     from flows.commands.common import ALGORITHMS
 
     assert sorted(ALGORITHMS) == sorted(KNOWN)
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _chromium(*arguments: str) -> subprocess.CompletedProcess:
+    """Headless Chromium as a user's browser would load the page (root needs --no-sandbox)."""
+    with tempfile.TemporaryDirectory() as profile:
+        return subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={profile}",
+                               *arguments], capture_output=True, text=True, timeout=120, check=True)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")
+def test_audit_page_renders_verification_lineage_plots_and_timeline_in_chromium(recorded_run, tmp_path, capsys):
+    from db.branch import create_branch
+    from PIL import Image
+
+    database, run_id = recorded_run
+    branch = create_branch(database.engine, run_id, 2, "the capital was wrong")
+    assert main(["report", "--db", database.url, "--run", str(run_id), "--html", "--out", str(tmp_path)]) == 0
+    page = tmp_path / f"run-{run_id}-audit.html"
+    assert f"audit page: {page}" in capsys.readouterr().out
+
+    dom = _chromium("--dump-dom", page.as_uri()).stdout  # the document as Chromium parsed and rendered it
+    verification = dom[dom.index('id="verification"'):]
+    assert verification.split("</div>")[0].count("Verified") == 1 and "4 batches, 3 evaluations" in verification
+    assert f"run {branch.id} branches from it after batch 0, without fact 2: the capital was wrong" in dom
+    assert "<dt>es</dt>" in dom and "<dt>norm.dw.*</dt>" in dom  # the legend of the metric table's columns
+    timeline = dom[dom.index('id="timeline"'):].split("</table>")[0]
+    assert timeline.count('<tr class="applied">') == 3 and timeline.count('<tr class="rolled_back">') == 1
+    assert "#1 Subject 0" in timeline and "ppl.wiki" in dom  # the alarm
+
+    screenshot = tmp_path / "page.png"
+    _chromium(f"--screenshot={screenshot}", "--window-size=1280,2400", page.as_uri())
+    pixels = Image.open(screenshot).convert("HSV").getdata()
+    coloured = sum(1 for _, saturation, value in pixels if saturation > 150 and value > 80)
+    assert coloured > 2000, "the inlined metric plot (its coloured curves) did not render"
+
+    # a tampered ledger: the page says so, naming the evaluation and the metric
+    with database.engine.begin() as connection:
+        connection.execute(sql_text("UPDATE metrics SET value = 0.99 WHERE name = 'es'"))
+    assert main(["report", "--db", database.url, "--run", str(run_id), "--html", "--out", str(tmp_path)]) == 0
+    dom = _chromium("--dump-dom", page.as_uri()).stdout
+    assert "NOT verified" in dom and "es" in dom[dom.index("NOT verified"):].split("</div>")[0]

@@ -10,16 +10,13 @@ import json
 import stat
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from sqlalchemy import func, select
 
-from db.engine import make_engine
 from db.history import batches_frame, facts_frame
-from db.ingest import ingest_file
 from db.errors import RunLockedError
 from db.ledger import acquire_writer
 from db.migrate import upgrade
@@ -30,7 +27,7 @@ from flows.model_session import ModelSession
 from flows.one_shot import OneShotRequest, run_one_shot
 from flows.pipeline import sequential_edit
 from fixtures.data import counterfact_file
-from fixtures.runs import SOURCE, TINY_EDIT, tiny_settings
+from fixtures.runs import TINY_EDIT, tiny_settings
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 

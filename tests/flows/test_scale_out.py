@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from sqlalchemy import create_engine, select, text
+from sqlalchemy import select, text
 
 from db.engine import make_engine
 from db.evaluation_requests import open_requests
