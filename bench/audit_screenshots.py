@@ -77,6 +77,7 @@ def main() -> int:
         facts = work / "facts.json"
         facts.write_text(json.dumps(json.loads(FACTS.read_text())[: args.edits]))
         seqedit = [sys.executable, "-m", "flows.cli"]
+        subprocess.run([*seqedit, "init"], env=env, check=True, cwd=ROOT)
         subprocess.run([*seqedit, "ingest", str(facts), "--source", "audit"], env=env, check=True, cwd=ROOT)
         started = time.perf_counter()
         subprocess.run([*seqedit, "run", "--source", "audit", "--batch-size", str(args.batch_size), "--eval-every",

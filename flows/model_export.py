@@ -122,7 +122,7 @@ def run_settings(run: RunInfo) -> RunSettings:
     stored = run.spec.hyperparameters.get("settings")
     if not isinstance(stored, Mapping):
         raise ExportError(f"run {run.id} records no run settings, so the model it edited cannot be loaded by name")
-    return RunSettings.from_dict(stored)
+    return RunSettings.recorded(stored)
 
 
 @contextmanager

@@ -393,7 +393,7 @@ def evaluate_run(run_id: int, seq: int | None = None, db_url: str | None = None,
     require_current(engine)
     held = None
     if request_id is not None:
-        lease_s = RunSettings.from_dict(get_run(engine, run_id).spec.hyperparameters["settings"]).eval_lease_s
+        lease_s = RunSettings.recorded(get_run(engine, run_id).spec.hyperparameters["settings"]).eval_lease_s
         held = claim(engine, request_id, lease_s)
         if held is None:
             print(f"evaluation request {request_id} needs no work (done, held, or its batch was rolled back)")
@@ -433,7 +433,7 @@ def rollback_run(run_id: int, to_seq: int, restore_facts: bool = True, db_url: s
             weights, rolled_back = writer.rollback(to_seq, restore_facts=restore_facts, reason="requested"), True
     stored = get_run(engine, run_id).spec.hyperparameters.get("settings")
     if stored is not None:  # a run made by these flows: put a model this process holds in the restored state
-        run_settings = RunSettings.from_dict(stored)
+        run_settings = RunSettings.recorded(stored)
         session = ModelSession.loaded(run_settings.model, run_settings.runtime)
         if session is not None:
             session.load_state(weights)

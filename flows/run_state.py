@@ -134,7 +134,7 @@ def open_run_context(engine: Engine, run_id: int, at_seq: int | None = None) -> 
     """Open an existing run with the model in its state after batch ``at_seq`` (default: the last applied)."""
     run = get_run(engine, run_id)
     stored = run.spec.hyperparameters
-    settings = RunSettings.from_dict(stored["settings"])
+    settings = RunSettings.recorded(stored["settings"])
     config = EditConfig.from_dict(stored["edit"])
     session = ModelSession.get(settings.model, settings.runtime)
     adapter = session.adapter

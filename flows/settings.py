@@ -155,6 +155,17 @@ class RunSettings:
         return cls(**values)
 
     @classmethod
+    def recorded(cls, data: Mapping[str, Any]) -> "RunSettings":
+        """The settings a run was created with, as its ledger row stores them. A run recorded before
+        ``runtime.float32_master`` existed added each rounded ``ΔW`` to its low-precision weights, and its
+        hashes are of those weights: it resumes, evaluates and exports the same way (no master), not with
+        today's default."""
+        runtime = data.get("runtime")
+        if isinstance(runtime, Mapping) and "float32_master" not in runtime:
+            data = {**data, "runtime": {**runtime, "float32_master": False}}
+        return cls.from_dict(data)
+
+    @classmethod
     def from_yaml(cls, path: Path, overrides: Mapping[str, Any] | None = None) -> "RunSettings":
         data = yaml.safe_load(Path(path).read_text()) or {}
         return cls.from_dict({**data, **(overrides or {})})

@@ -106,4 +106,4 @@ def check_run_datasets(run) -> None:
 
     stored = run.spec.hyperparameters
     if "settings" in stored and "edit" in stored:
-        check_datasets(RunSettings.from_dict(stored["settings"]), EditConfig.from_dict(stored["edit"]))
+        check_datasets(RunSettings.recorded(stored["settings"]), EditConfig.from_dict(stored["edit"]))

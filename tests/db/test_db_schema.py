@@ -16,7 +16,7 @@ from flows.cli import main
 
 LEDGER_TABLES = {"facts", "runs", "rollbacks", "batches", "batch_facts", "weight_deltas", "checkpoints",
                  "evaluations", "metrics", "alarms", "evaluation_requests", "studies",
-                 "study_arms", "arm_batches", "arm_fact_scores", "v_star_cache"}
+                 "study_arms", "arm_batches", "arm_fact_scores", "v_star_cache", "ledger_identity"}
 
 
 def _tables(engine) -> set[str]:

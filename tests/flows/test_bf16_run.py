@@ -69,3 +69,27 @@ def test_a_bf16_run_edits_rolls_back_resumes_and_exports_on_its_float32_masters(
         assert provenance["delivered_sha256"][str(layer)] == weight_sha256(written)
     loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
     assert torch.equal(loaded.get_parameter(DOWN_PROJ.format(1)), files[DOWN_PROJ.format(1)])
+
+
+def test_a_bf16_run_recorded_before_float32_masters_resumes_without_one(tmp_path, tiny_model_folder):
+    """A ledger row from before ``runtime.float32_master`` existed has no such key; that run added rounded
+    deltas to bfloat16 weights, and redoing its batches must do the same to reproduce its hashes."""
+    from sqlalchemy import select, update
+
+    from db.models import RunRecord
+
+    url, engine = new_tiny_ledger(tmp_path, 8)
+    plain = {**BF16, "float32_master": False}
+    run_id = sequential_edit(settings=tiny_settings(tiny_model_folder, limit=8, runtime=plain).to_dict(),
+                             db_url=url)["run_id"]
+    with Session(engine) as session:
+        at_2 = expected_hashes(session, run_id, 2)
+    with engine.begin() as connection:  # the row as an older seqedit wrote it
+        stored = connection.execute(select(RunRecord.hyperparameters).where(RunRecord.id == run_id)).scalar_one()
+        del stored["settings"]["runtime"]["float32_master"]
+        connection.execute(update(RunRecord).where(RunRecord.id == run_id).values(hyperparameters=stored))
+
+    assert main(["rollback", "--db", url, "--run", str(run_id), "--to", "1"]) == 0
+    assert sequential_edit(run_id=run_id, db_url=url)["seq"] == 2
+    with Session(engine) as session:
+        assert expected_hashes(session, run_id, 2) == at_2  # batch 2 redone on plain bfloat16 weights
