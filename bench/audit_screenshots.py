@@ -28,11 +28,11 @@ ROOT = Path(__file__).resolve().parents[1]
 FACTS = ROOT.parent / "shared" / "data" / "counterfact" / "counterfact-easyedit-edit.json"
 
 
-def screenshot(chromium: str, url: str, path: Path, height: int = 1100) -> None:
-    """A 1400-pixel-wide screenshot of ``url`` after its scripts have had 20 s of (virtual) time."""
+def screenshot(chromium: str, url: str, path: Path, height: int = 1100, budget_ms: int = 20000) -> None:
+    """A 1400-pixel-wide screenshot of ``url`` after its scripts have had ``budget_ms`` of (virtual) time."""
     with tempfile.TemporaryDirectory() as profile:
         subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={profile}",
-                        "--hide-scrollbars", f"--window-size=1400,{height}", "--virtual-time-budget=20000",
+                        "--hide-scrollbars", f"--window-size=1400,{height}", f"--virtual-time-budget={budget_ms}",
                         f"--screenshot={path}", url], check=True, capture_output=True, timeout=180)
     print(f"screenshot: {path}", flush=True)
 
@@ -45,6 +45,20 @@ async def flow_run_of(run_id: int) -> str:
         runs = await client.read_flow_runs(flow_run_filter=FlowRunFilter(
             tags=FlowRunFilterTags(all_=[f"seqedit-run-{run_id}"])))
     return str(runs[0].id)
+
+
+async def artifacts_of(tag: str, kinds: tuple[str, ...]) -> dict[str, str]:
+    """The id of the latest artifact of run 1 under each ``<tag>-run-1-<kind>`` key."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    async with get_client() as client:
+        found = {}
+        for kind in kinds:
+            artifacts = await client.read_artifacts(artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=[f"{tag}-run-1-{kind}"])))
+            found[kind] = str(max(artifacts, key=lambda artifact: artifact.created).id)
+        return found
 
 
 def main() -> int:
@@ -89,11 +103,19 @@ def main() -> int:
         screenshot(chromium, (work / "run-1-audit.html").as_uri(), args.out / "audit-page.png", height=3200)
         ui = f"http://127.0.0.1:{args.port}"
         flow_run = asyncio.run(flow_run_of(1))
-        screenshot(chromium, f"{ui}/runs", args.out / "prefect-runs.png")
+        from db.engine import make_engine
+        from flows.prefect_ui import ledger_tag
+
+        tag = ledger_tag(make_engine(env["SEQEDIT_DATABASE_URL"]))
+        screenshot(chromium, f"{ui}/runs", args.out / "prefect-runs.png", budget_ms=60000)
         screenshot(chromium, f"{ui}/runs/flow-run/{flow_run}", args.out / "prefect-flow-run.png", height=1600)
         screenshot(chromium, f"{ui}/runs/flow-run/{flow_run}?tab=Task%20Runs", args.out / "prefect-task-runs.png",
                    height=1600)
         screenshot(chromium, f"{ui}/artifacts", args.out / "prefect-artifacts.png")
+        for what, artifact in asyncio.run(artifacts_of(tag, ("summary", "metrics"))).items():
+            # the artifact's own page: the key page renders no content in headless Chromium
+            screenshot(chromium, f"{ui}/artifacts/artifact/{artifact}", args.out / f"prefect-artifact-{what}.png",
+                       height=1600, budget_ms=30000)
     finally:
         server.terminate()
         server.wait(timeout=60)

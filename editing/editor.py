@@ -206,7 +206,8 @@ class Editor:
         total = time.perf_counter() - started
         seconds = {"v_star": v_star_seconds, "keys": total - v_star_seconds - sum(solve_seconds),
                    "solve": sum(solve_seconds)}
-        log.info("edited %d facts in %.1fs (%s)", len(facts), total, seconds)
+        log.info("edited %d facts in %.1fs (%s)", len(facts), total,
+                 ", ".join(f"{part} {value:.1f}s" for part, value in seconds.items()))
         return BatchEdit(updates, self.adapter.weights_sha256(list(self.layers)), v_star, seconds)
 
 

@@ -52,7 +52,8 @@ from flows.collapse import Alarm, CollapsePolicy, detect, last_healthy_seq
 from flows.failpoints import failpoint
 from flows.model_export import build_provenance, delivered_provenance, write_model_folder
 from flows.model_session import ModelSession
-from flows.prefect_ui import TASK_NAMES, artifact_key, ledger_tag, name_flow_run, send_logs_to_prefect
+from flows.prefect_ui import (TASK_NAMES, artifact_key, edit_flow_run_name, ledger_tag, name_flow_run,
+                              send_logs_to_prefect)
 from flows.run_state import RunContext, create_run_context, open_run_context
 from flows.settings import RunSettings
 
@@ -320,7 +321,7 @@ def check_something_to_edit(engine, settings: RunSettings) -> int:
     return available
 
 
-@flow(name="sequential_edit")
+@flow(name="sequential_edit", flow_run_name=edit_flow_run_name)
 def sequential_edit(settings: dict[str, Any] | None = None, run_id: int | None = None,
                     db_url: str | None = None) -> dict[str, Any]:
     """Create a run from ``settings`` (or resume run ``run_id``) and edit until the facts, the limit
@@ -379,7 +380,7 @@ def _give_back_claim(writer: RunWriter, error: BaseException) -> None:
         log.warning("could not give back the claimed batch of run %d", writer.run.id, exc_info=True)
 
 
-@flow(name="evaluate")
+@flow(name="evaluate", flow_run_name="run {run_id} · evaluate")
 def evaluate_run(run_id: int, seq: int | None = None, db_url: str | None = None,
                  request_id: int | None = None) -> dict[str, float]:
     """Evaluate run ``run_id`` at batch ``seq`` (default: its last), restoring that point first;
@@ -417,7 +418,7 @@ def evaluate_run(run_id: int, seq: int | None = None, db_url: str | None = None,
         raise
 
 
-@flow(name="rollback")
+@flow(name="rollback", flow_run_name="run {run_id} · rollback to batch {to_seq}")
 def rollback_run(run_id: int, to_seq: int, restore_facts: bool = True, db_url: str | None = None) -> dict[str, Any]:
     """Restore run ``run_id`` to batch ``to_seq``: later batches are marked rolled back (kept), their
     facts return to the queue (or stay out, ``restore_facts=False``), and a model this process holds

@@ -44,6 +44,18 @@ def artifact_key(engine: Engine, run_id: int, what: str) -> str:
     return f"{ledger_tag(engine)}-run-{run_id}-{what}"
 
 
+def edit_flow_run_name() -> str:
+    """The name ``sequential_edit``'s flow run starts with, before its run exists: ``run 7 · resume``, or
+    ``new run · <name or objective>`` (renamed ``run 8 · sequential edit`` once created)."""
+    from prefect.runtime import flow_run
+
+    parameters = flow_run.parameters
+    if parameters.get("run_id") is not None:
+        return f"run {parameters['run_id']} · resume"
+    settings = parameters.get("settings") or {}
+    return f"new run · {settings.get('name') or settings.get('algorithm') or 'emmet'}"
+
+
 def name_flow_run(engine: Engine, run_id: int, what: str) -> None:
     """Rename the current flow run ``run <N> · <what>`` and tag it with the run and the ledger. Outside a flow
     run (a plain function call) it does nothing; a server that refuses is logged, never fatal: the name is a
