@@ -10,12 +10,15 @@ starts from the same original model.
 from __future__ import annotations
 
 import json
+import logging
 from typing import ClassVar, Iterable
 
 import torch
 
 from editing.models import DEFAULT_MODEL, ModelAdapter, load_model
 from editing.runtime import Runtime
+
+log = logging.getLogger(__name__)
 
 
 class ModelSession:
@@ -41,7 +44,15 @@ class ModelSession:
                                      float32_master=runtime.float32_master)
             cls._loaded[key] = cls(adapter)
             cls.loads += 1
+        else:  # said, so that a flow run's Logs tab explains why no load happened
+            log.info("model %s already loaded in this process (%s, %s)", key[0], key[2].removeprefix("torch."),
+                     runtime.device_map or key[1])
         return cls._loaded[key]
+
+    @classmethod
+    def unload(cls, model: str | None, runtime: Runtime | None = None) -> bool:
+        """Forget the process's session for ``model`` (its next :meth:`get` loads it again); True if it had one."""
+        return cls._loaded.pop(cls._key(model, runtime or Runtime()), None) is not None
 
     @classmethod
     def loaded(cls, model: str | None, runtime: Runtime | None = None) -> "ModelSession | None":

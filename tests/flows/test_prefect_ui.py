@@ -9,6 +9,7 @@ import asyncio
 import pytest
 
 from fixtures.runs import new_tiny_ledger, tiny_settings
+from flows.model_session import ModelSession
 from flows.pipeline import sequential_edit
 from flows.prefect_ui import artifact_key, ledger_tag
 
@@ -40,6 +41,7 @@ async def _artifacts(key: str) -> list:
 
 
 def test_flow_runs_task_runs_logs_and_artifacts_are_named_by_the_ledger_run_and_batch(tmp_path, tiny_model_folder):
+    ModelSession.unload(tiny_model_folder)  # ledger a's run loads the model, b's finds it loaded
     ledgers = []
     for name in ("a", "b"):  # two ledgers, each with its run 1, on one Prefect server
         folder = tmp_path / name
@@ -61,6 +63,8 @@ def test_flow_runs_task_runs_logs_and_artifacts_are_named_by_the_ledger_run_and_
     messages = "\n".join(log.message for log in logs)
     assert "loading model" in messages and "C0 for layers [1, 2]" in messages  # the first minutes explained
     assert "run 1 batch 2 committed: 4 facts" in messages and "[evaluation @ batch 2] ES" in messages
+    messages_b = "\n".join(log.message for log in asyncio.run(_server_view(tags[1]))[2])
+    assert "already loaded in this process" in messages_b and "loading model" not in messages_b
 
     summaries = [asyncio.run(_artifacts(artifact_key(engine, 1, "summary"))) for engine in ledgers]
     assert [len(series) for series in summaries] == [1, 1]  # one each: neither ledger's run 1 replaced the other's
