@@ -47,16 +47,18 @@ async def flow_run_of(run_id: int) -> str:
     return str(runs[0].id)
 
 
-async def artifacts_of(tag: str, kinds: tuple[str, ...]) -> dict[str, str]:
-    """The id of the latest artifact of run 1 under each ``<tag>-run-1-<kind>`` key."""
+async def artifacts_of(engine, kinds: tuple[str, ...]) -> dict[str, str]:
+    """The id of the latest artifact of the ledger's run 1 under each kind's key (:func:`artifact_key`)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from flows.prefect_ui import artifact_key
 
     async with get_client() as client:
         found = {}
         for kind in kinds:
             artifacts = await client.read_artifacts(artifact_filter=ArtifactFilter(
-                key=ArtifactFilterKey(any_=[f"{tag}-run-1-{kind}"])))
+                key=ArtifactFilterKey(any_=[artifact_key(engine, 1, kind)])))
             found[kind] = str(max(artifacts, key=lambda artifact: artifact.created).id)
         return found
 
@@ -104,15 +106,14 @@ def main() -> int:
         ui = f"http://127.0.0.1:{args.port}"
         flow_run = asyncio.run(flow_run_of(1))
         from db.engine import make_engine
-        from flows.prefect_ui import ledger_tag
 
-        tag = ledger_tag(make_engine(env["SEQEDIT_DATABASE_URL"]))
+        engine = make_engine(env["SEQEDIT_DATABASE_URL"])
         screenshot(chromium, f"{ui}/runs", args.out / "prefect-runs.png", budget_ms=60000)
         screenshot(chromium, f"{ui}/runs/flow-run/{flow_run}", args.out / "prefect-flow-run.png", height=1600)
         screenshot(chromium, f"{ui}/runs/flow-run/{flow_run}?tab=Task%20Runs", args.out / "prefect-task-runs.png",
                    height=1600)
         screenshot(chromium, f"{ui}/artifacts", args.out / "prefect-artifacts.png")
-        for what, artifact in asyncio.run(artifacts_of(tag, ("summary", "metrics"))).items():
+        for what, artifact in asyncio.run(artifacts_of(engine, ("summary", "metrics"))).items():
             # the artifact's own page: the key page renders no content in headless Chromium
             screenshot(chromium, f"{ui}/artifacts/artifact/{artifact}", args.out / f"prefect-artifact-{what}.png",
                        height=1600, budget_ms=30000)

@@ -49,11 +49,13 @@ def edit_flow_run_name() -> str:
     ``new run · <name or objective>`` (renamed ``run 8 · sequential edit`` once created)."""
     from prefect.runtime import flow_run
 
+    from flows.settings import RunSettings
+
     parameters = flow_run.parameters
     if parameters.get("run_id") is not None:
         return f"run {parameters['run_id']} · resume"
     settings = parameters.get("settings") or {}
-    return f"new run · {settings.get('name') or settings.get('algorithm') or 'emmet'}"
+    return f"new run · {settings.get('name') or settings.get('algorithm') or RunSettings.algorithm}"
 
 
 def name_flow_run(engine: Engine, run_id: int, what: str) -> None:
