@@ -26,7 +26,7 @@ demo: $(STAMP)
 	$(VENV)/bin/seqedit demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q -rs
+	$(PY) -m pytest -q -rs --durations=25
 
 # The data a user's machine has: no mirror (an empty SEQEDIT_DATA), no hub. The demo's datasets must
 # resolve from the bundle and match their pinned sha256; the rest must say, in one line, where they looked.

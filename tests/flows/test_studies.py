@@ -56,6 +56,21 @@ def _write(tmp_path: Path, spec: dict) -> Path:
 
 
 # -- the spec --------------------------------------------------------------------------------------------------------
+SHIPPED_SPECS = sorted((Path(__file__).resolve().parents[2] / "studies").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED_SPECS, ids=[path.stem for path in SHIPPED_SPECS])
+def test_every_shipped_spec_expands_into_arms_whose_settings_build(path: Path):
+    """A shipped spec is a command in the README: a typo in an algorithm, a layer or an override key must fail
+    here, not an hour into a study."""
+    spec = load_spec(path)
+    names = [arm.name for arm in spec.arms]
+    assert spec.name == path.stem and names and len(set(names)) == len(names)
+    for arm in spec.arms:
+        config = arm.run_settings().edit_config()
+        assert config.layers and config.algorithm == arm.run_settings().algorithm
+
+
 def test_a_spec_expands_its_grid_and_arms_with_the_command_lines_overrides_last():
     spec = expand({"name": "s", "facts": {"file": "counterfact-1000", "start": 32, "stop": 999}, "n_facts": 8,
                    "settings": {"edit_overrides": {"values": {"steps": 3}}},
