@@ -62,13 +62,10 @@ SHIPPED_SPECS = sorted((Path(__file__).resolve().parents[2] / "studies").glob("*
 @pytest.mark.parametrize("path", SHIPPED_SPECS, ids=[path.stem for path in SHIPPED_SPECS])
 def test_every_shipped_spec_expands_into_arms_whose_settings_build(path: Path):
     """A shipped spec is a command in the README: a typo in an algorithm, a layer or an override key must fail
-    here, not an hour into a study."""
+    here, not an hour into a study. ``load_spec`` builds every arm's edit configuration and refuses repeated arm
+    names itself; the README's ``study report NAME`` lines need the name to be the file's."""
     spec = load_spec(path)
-    names = [arm.name for arm in spec.arms]
-    assert spec.name == path.stem and names and len(set(names)) == len(names)
-    for arm in spec.arms:
-        config = arm.run_settings().edit_config()
-        assert config.layers and config.algorithm == arm.run_settings().algorithm
+    assert spec.name == path.stem and spec.arms
 
 
 def test_a_spec_expands_its_grid_and_arms_with_the_command_lines_overrides_last():
