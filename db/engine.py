@@ -135,14 +135,27 @@ def _sqlite_engine(parsed: URL, read_only: bool) -> Engine:
     return engine
 
 
-SQLITE_HEADER = b"SQLite format 3\x00"
-
-
 def _is_sqlite_file(path: Path) -> bool:
-    """An SQLite database file starts with its 16-byte header (an empty file is a database not yet written)."""
-    with path.open("rb") as handle:
-        header = handle.read(len(SQLITE_HEADER))
-    return header in (b"", SQLITE_HEADER)
+    """Whether SQLite reads ``path`` as a database (an empty file is one not yet written).
+
+    SQLite itself reads the header, through an ``immutable`` connection (no locks taken, no -wal or -shm
+    created). Reading it with Python's ``open`` would be wrong: closing any descriptor of a file releases
+    every POSIX lock the process holds on it, so a second engine made for a ledger this process already
+    writes would drop SQLite's shared lock — and the next process to close a connection would then think
+    itself the last one, checkpoint the WAL and delete it under the live writer, whose later commits are lost.
+    SQLite's own descriptors are safe: it defers closing a file's descriptors while locks on it are held.
+    """
+    try:
+        probe = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro&immutable=1", uri=True)
+    except sqlite3.Error:
+        return False
+    try:
+        probe.execute("PRAGMA schema_version").fetchone()
+        return True
+    except sqlite3.DatabaseError:
+        return False
+    finally:
+        probe.close()
 
 
 def check_connection(engine: Engine) -> None:
