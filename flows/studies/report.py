@@ -8,8 +8,9 @@
   their bootstrap needs only the counts the ledger keeps; the other metrics of a run
   are aggregates without per-fact rows and are given without an interval.
 * Two independent arms that scored the same facts and differ in exactly one factor
-  (objective, or layers/distribution) at the same batch size are compared by the
-  paired bootstrap; a difference is called one only when its interval excludes 0.
+  (objective, or layers/distribution at the same batch size, or batch size between
+  neighbouring sizes) are compared by the paired bootstrap on the facts both scored;
+  a difference is called one only when its interval excludes 0.
 
 The figures are the paper's: each metric against batch size on a log₂ axis, one line
 per objective × distribution, the intervals as bands; sequential arms get the
@@ -127,22 +128,44 @@ def _n_downstream(arm: ArmInfo) -> int:
     return settings.evaluation_config().n_downstream
 
 
+BATCH_SIZE_FACTORS = ({"batch_size"}, {"batch_size", "n_facts"})
+"""Two arms that differ only in batch size (and perhaps in how many facts they score) are compared on the
+facts both scored — between neighbouring batch sizes only, which is where a decline starts."""
+
+
+def comparison_factor(a: dict[str, Any], b: dict[str, Any], batch_sizes: set[int]) -> str | None:
+    """What two arms' :func:`_factors` differ in, when that is one factor a paired comparison isolates: the
+    ``objective``, the ``distribution`` (layers) at one batch size, or the ``batch size`` between neighbours
+    (no size of ``batch_sizes``, those of arms agreeing with both elsewhere, lies strictly between them)."""
+    differing = {key for key in a if a[key] != b[key]}
+    if differing == {"algorithm"}:
+        return "objective"
+    if differing in ({"layers", "distribution"}, {"layers"}):
+        return "distribution"
+    if differing in BATCH_SIZE_FACTORS:
+        low, high = sorted((a["batch_size"], b["batch_size"]))
+        return None if any(low < size < high for size in batch_sizes) else "batch size"
+    return None
+
+
 def differences(engine: Engine, arms: list[ArmInfo]) -> list[dict[str, Any]]:
-    """Paired differences of independent arms that differ in one factor only (objective, or layers and
-    distribution), on the facts both scored."""
+    """Paired differences of independent arms that differ in one factor only (:func:`comparison_factor`), on
+    the facts both scored."""
     found = []
     independent = [arm for arm in arms if arm.mode == "independent"]
     scores = {arm.id: arm_scores_frame(engine, arm.id).set_index("fact_id") for arm in independent}
+    factors = {arm.id: _factors(arm) for arm in independent}
     for a, b in itertools.combinations(independent, 2):
-        fa, fb = _factors(a), _factors(b)
-        differing = {key for key in fa if fa[key] != fb[key]}
-        if differing not in ({"algorithm"}, {"layers", "distribution"}, {"layers"}):
+        fa, fb = factors[a.id], factors[b.id]
+        rest = {key for key in fa if key not in ("batch_size", "n_facts")}
+        sizes = {f["batch_size"] for f in factors.values() if all(f[key] == fa[key] for key in rest)}
+        factor = comparison_factor(fa, fb, sizes)
+        if factor is None:
             continue
         shared = scores[a.id].index.intersection(scores[b.id].index)
         if len(shared) == 0:
             continue
-        entry: dict[str, Any] = {"a": a.name, "b": b.name, "factor": "objective" if "algorithm" in differing
-                                 else "distribution", "n_facts": len(shared), "metrics": {}}
+        entry: dict[str, Any] = {"a": a.name, "b": b.name, "factor": factor, "n_facts": len(shared), "metrics": {}}
         for name in COMPARED:
             interval = paired_difference(scores[a.id].loc[shared, name].to_numpy(dtype=float),
                                          scores[b.id].loc[shared, name].to_numpy(dtype=float),

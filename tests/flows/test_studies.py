@@ -118,6 +118,22 @@ def test_a_study_run_again_with_other_settings_is_refused_and_nothing_is_written
 
 
 # -- running ---------------------------------------------------------------------------------------------------------
+def test_the_report_pairs_arms_that_differ_in_one_factor_and_batch_sizes_only_with_their_neighbours():
+    from flows.studies.report import comparison_factor
+    arm = {"algorithm": "emmet", "layers": (3, 4, 5, 6, 7), "distribution": None, "batch_size": 512, "mode":
+           "independent", "n_facts": 2048, "seed": 0, "overrides": "[]"}
+    sizes = {512, 1024, 2048}
+    assert comparison_factor(arm, {**arm, "algorithm": "memit"}, sizes) == "objective"
+    assert comparison_factor(arm, {**arm, "layers": (7,), "distribution": "single_layer"}, sizes) == "distribution"
+    assert comparison_factor(arm, {**arm, "batch_size": 1024}, sizes) == "batch size"
+    assert comparison_factor(arm, {**arm, "batch_size": 1024, "n_facts": 1024}, sizes) == "batch size"
+    assert comparison_factor(arm, {**arm, "batch_size": 2048}, sizes) is None  # 1,024 lies between
+    assert comparison_factor(arm, {**arm, "batch_size": 2048}, {512, 2048}) == "batch size"
+    assert comparison_factor(arm, {**arm, "batch_size": 1024, "algorithm": "memit"}, sizes) is None
+    assert comparison_factor(arm, {**arm, "layers": (7,), "batch_size": 1024}, sizes) is None
+    assert comparison_factor(arm, {**arm, "overrides": "[('values.steps', '9')]"}, sizes) is None
+
+
 @pytest.fixture
 def ledger(tmp_path):
     url = f"sqlite:///{tmp_path / 'ledger.db'}"
