@@ -91,6 +91,14 @@ def _v_star_quality(engine: Engine, arm: ArmInfo, seed: int) -> dict[str, Any]:
             "stop_reasons": {str(k): int(v) for k, v in frame["stop_reason"].value_counts().items()}}
 
 
+def mean_memorization(diagnostics: list[dict[str, Any]]) -> dict[str, float]:
+    """Per edit layer, the mean over the arm's batches of the share of the residual the update wrote
+    (``1 − ‖ΔW K_E − R‖ / ‖R‖``, :func:`editing.objectives.memorization`): below 1 where the objective could not or
+    would not write it all — MEMIT's least squares, EMMET's ridge, EMMET with more facts than key dimensions."""
+    layers = sorted({layer for d in diagnostics for layer in d.get("memorization", {})}, key=int)
+    return {layer: sum(d["memorization"][layer] for d in diagnostics) / len(diagnostics) for layer in layers}
+
+
 def arm_summary(engine: Engine, arm: ArmInfo) -> dict[str, Any]:
     """One arm as ``seqedit study status|report --json`` gives it."""
     seed = int(arm.settings.get("seed", 0))
@@ -110,6 +118,7 @@ def arm_summary(engine: Engine, arm: ArmInfo) -> dict[str, Any]:
                            for name in ("computed", "reused")}
         entry["timings"] = {part: float(sum(t.get(part, 0.0) for t in batches["timings"]))
                             for part in ("v_star", "keys", "solve", "evaluate", "batch")}
+        entry["memorization"] = mean_memorization(diagnostics)
         entry["v_star"].update(_v_star_quality(engine, arm, seed))
         if entry["v_star"]["computed"]:
             entry["v_star"]["seconds_per_fact"] = entry["timings"]["v_star"] / entry["v_star"]["computed"]
@@ -198,6 +207,13 @@ def _cell(metric: dict[str, Any] | None) -> str:
     return f"{metric['mean']:.3f} [{metric['low']:.3f}, {metric['high']:.3f}]"
 
 
+def _least_written(memorization: dict[str, float]) -> str:
+    if not memorization:
+        return "–"
+    layer = min(memorization, key=memorization.get)
+    return f"{memorization[layer]:.3f} (L{layer})"
+
+
 def markdown(summary: dict[str, Any]) -> str:
     lines = [f"# Study {summary['study']}", "",
              f"Facts: ledger source `{summary['fact_source']}`. Arms' wall time {summary['seconds']:.0f} s. v* "
@@ -208,15 +224,15 @@ def markdown(summary: dict[str, Any]) -> str:
     if independent:
         lines += ["## Independent arms (each batch edited into the unedited model, scored, undone)", "",
                   "| arm | objective | layers | B | facts | " + " | ".join(m.upper() for m in INDEPENDENT_METRICS)
-                  + " | v* steps | v* NLL | v* computed / reused | seconds |",
-                  "|---" * (6 + len(INDEPENDENT_METRICS) + 3) + "|"]
+                  + " | written (least layer) | v* steps | v* NLL | v* computed / reused | seconds |",
+                  "|---" * (6 + len(INDEPENDENT_METRICS) + 4) + "|"]
         for arm in independent:
             settings = arm["settings"]
             layers = settings.get("edit_overrides", {}).get("layers", "–")
             lines.append(f"| {arm['name']} | {settings['algorithm']} | {layers} | {settings['batch_size']} | "
                          f"{arm['progress']['facts_scored']}/{arm['n_facts']} | "
                          + " | ".join(_cell(arm["metrics"].get(m)) for m in INDEPENDENT_METRICS)
-                         + f" | {_cell(arm['v_star'].get('steps'))} | {_cell(arm['v_star'].get('final_nll'))}"
+                         + f" | {_least_written(arm['memorization'])} | {_cell(arm['v_star'].get('steps'))} | {_cell(arm['v_star'].get('final_nll'))}"
                          + f" | {arm['v_star']['computed']} / {arm['v_star']['reused']} | "
                          f"{(arm['seconds'] or 0):.0f} |")
         lines.append("")

@@ -97,6 +97,35 @@ def test_emmet_falls_back_to_the_pseudo_inverse_for_duplicate_keys(caplog):
     torch.testing.assert_close((w0 + dense) @ k_e, v_e, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("lambda_e", [0.0, 1e-6, 0.25])
+def test_emmet_with_more_facts_than_key_dimensions_writes_the_residuals_best_fit(lambda_e, caplog):
+    """B > d_in (SmolLM2 at B = 2,048 against 1,536 key dimensions): ``ΔW K_E = R`` has no solution, since every
+    row of ``ΔW K_E`` lies in the row space of ``K_E``. λ_E = 0 gives the pseudo-inverse and λ_E → 0 tends to the
+    best any update can do, ``ΔW K_E = R P`` with ``P = K_E⁺ K_E`` the projection onto that row space (computed
+    here by SVD); a larger λ_E is the dense ridge closed form and writes less."""
+    w0, c0, k_e, v_e = problem(11, 16, 8, 40)
+    residual = v_e - w0 @ k_e
+    _, singular, vh = torch.linalg.svd(k_e, full_matrices=False)
+    rows = vh[singular > 1e-10 * singular[0]]                                  # orthonormal basis, 16 × 40
+    best = residual @ rows.T @ rows                                            # R P
+    best_share = 1 - float(torch.linalg.norm(residual - best) / torch.linalg.norm(residual))
+    delta = _solve("emmet", w0, c0, k_e, v_e, ObjectiveParams(mom2_update_weight=1.0, emmet_lambda=lambda_e))
+    written = delta.u @ delta.v.T @ k_e
+    share = memorization(k_e, residual, delta)
+    if lambda_e == 0.0:
+        assert "pseudo-inverse" in caplog.text
+    if lambda_e < 1e-3:
+        torch.testing.assert_close(written, best, rtol=1e-5, atol=1e-5)
+        assert share == pytest.approx(best_share, abs=1e-5)
+    else:
+        c_inv = torch.linalg.inv(c0)
+        d = k_e.T @ c_inv @ k_e + lambda_e * torch.eye(40, dtype=c0.dtype)
+        torch.testing.assert_close(delta.u @ delta.v.T, residual @ torch.linalg.inv(d) @ k_e.T @ c_inv,
+                                   rtol=1e-8, atol=1e-10)
+        assert share < best_share
+    assert 0.2 < best_share < 0.8  # 16 of 40 directions: the constraints cannot hold
+
+
 def test_float32_inputs_are_solved_in_float64():
     w0, c0, k_e, v_e = problem(7, 32, 16, 4, dtype=torch.float32)
     delta = _solve("emmet", w0, c0, k_e, v_e, PLAIN)

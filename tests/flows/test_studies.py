@@ -163,7 +163,9 @@ def test_independent_and_sequential_arms_of_a_study(prefect_server, tiny_model_f
     es = arm["metrics"]["es"]
     assert es["low"] <= es["mean"] <= es["high"] and es["mean"] == pytest.approx(scores["es"].mean())
     assert (summary["v_star"]["computed"], summary["v_star"]["reused"]) == (N_FACTS, 0)
+    assert set(arm["memorization"]) == {"1", "2"} and all(share <= 1 for share in arm["memorization"].values())
     report = (tmp_path / "report" / "study-tiny.md").read_text()
+    assert "written (least layer)" in report
     assert "| memit-L1-2-B3-independent |" in report and "| lifelong |" in report
     lifelong = summary["arms"][1]
     assert lifelong["progress"]["evaluated_at_batch"] == 2 and lifelong["metrics"]["es"]["low"] is not None
