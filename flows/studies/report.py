@@ -282,18 +282,27 @@ def batch_scaling_figure(summary: dict[str, Any]):
         label = f"{arm['settings']['algorithm']} L{','.join(map(str, layers))}"
         lines.setdefault((label, ""), []).append(arm)
     for axis, metric in zip(axes[0], FIGURE_METRICS):
+        axis.set_title(metric.upper())
+        measured = False
         for (label, _), members in sorted(lines.items()):
             members = sorted(members, key=lambda arm: arm["settings"]["batch_size"])
             sizes = np.array([arm["settings"]["batch_size"] for arm in members], dtype=float)
             values = [arm["metrics"].get(metric, {}) for arm in members]
             mean = np.array([np.nan if v.get("mean") is None else v["mean"] for v in values])
+            if np.isnan(mean).all():  # e.g. GE of facts without generation prompts (the reduced schema)
+                continue
+            measured = True
             low = np.array([np.nan if v.get("low") is None else v["low"] for v in values])
             high = np.array([np.nan if v.get("high") is None else v["high"] for v in values])
             (line,) = axis.plot(sizes, mean, marker="o", label=label)
             axis.fill_between(sizes, low, high, color=line.get_color(), alpha=0.2)
+        if not measured:  # a log axis without data cannot be drawn: say so instead
+            axis.text(0.5, 0.5, "not measured", ha="center", va="center", transform=axis.transAxes)
+            axis.set_xticks([])
+            axis.set_yticks([])
+            continue
         axis.set_xscale("log", base=2)
         axis.set_xlabel("batch size")
-        axis.set_title(metric.upper())
         axis.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     figure.suptitle(f"Study {summary['study']}: metrics against batch size (95 % bootstrap bands)")

@@ -8,6 +8,7 @@ an arm killed mid-way resumes without redoing a batch and ends where an uninterr
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -132,6 +133,21 @@ def test_the_report_pairs_arms_that_differ_in_one_factor_and_batch_sizes_only_wi
     assert comparison_factor(arm, {**arm, "batch_size": 1024, "algorithm": "memit"}, sizes) is None
     assert comparison_factor(arm, {**arm, "layers": (7,), "batch_size": 1024}, sizes) is None
     assert comparison_factor(arm, {**arm, "overrides": "[('values.steps', '9')]"}, sizes) is None
+
+
+def test_the_batch_scaling_figure_draws_a_metric_no_arm_measured_as_not_measured():
+    """Facts of the reduced schema have no generation prompts, so no arm has a GE: the figure still draws (a log
+    axis without data cannot be scaled), with the measured metrics plotted and GE marked as not measured."""
+    from flows.studies.report import FIGURE_METRICS, batch_scaling_figure
+    metrics = {name: {"mean": 0.9, "low": 0.85, "high": 0.95} for name in FIGURE_METRICS if name != "ge"}
+    arms = [{"name": f"memit-B{size}", "mode": "independent", "progress": {"facts_scored": 8}, "metrics": metrics,
+             "settings": {"algorithm": "memit", "batch_size": size, "edit_overrides": {"layers": [7]}}}
+            for size in (1024, 2048)]
+    figure = batch_scaling_figure({"study": "reduced", "arms": arms})
+    titles = {axis.get_title(): axis for axis in figure.axes}
+    assert [text.get_text() for text in titles["GE"].texts] == ["not measured"] and not titles["GE"].lines
+    assert titles["ES"].get_xscale() == "log" and len(titles["ES"].lines) == 1
+    figure.savefig(io.BytesIO(), format="png")
 
 
 @pytest.fixture
