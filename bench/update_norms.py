@@ -17,10 +17,7 @@ import torch
 
 from db.engine import make_engine
 from db.studies import find_study, source_facts, study_arms
-from editing.editor import Editor
-from flows.model_session import ModelSession
-from flows.settings import RunSettings
-from flows.studies.v_star_reuse import VStarReuse
+from flows.studies.independent import ArmEditor
 
 
 def main() -> None:
@@ -37,16 +34,10 @@ def main() -> None:
     for arm in study_arms(engine, study_id):
         if arm.mode != "independent" or (wanted is not None and arm.name not in wanted):
             continue
-        settings = RunSettings.from_dict({k: v for k, v in arm.settings.items() if k not in ("n_facts", "seed")})
-        session = ModelSession.get(settings.model, settings.runtime)
-        adapter = session.adapter
-        session.load_state({})
-        config = settings.edit_config(adapter.name)
-        editor = Editor.prepare(adapter, config, runtime=settings.runtime)
+        prepared = ArmEditor.prepare(engine, arm)
+        adapter, editor, reuse = prepared.session.adapter, prepared.editor, prepared.reuse
         layers = list(editor.layers)
-        reuse = VStarReuse(engine, adapter, layers[-1], config.values, editor.prefixes,
-                           settings.runtime.autocast_dtype, editor.norm_anchor)
-        batch = facts[:settings.batch_size]
+        batch = facts[:prepared.settings.batch_size]
         ids, batch_facts = [fact_id for fact_id, _ in batch], [fact for _, fact in batch]
         original = {layer: torch.linalg.norm(adapter.weight(layer).double()).item() for layer in layers}
         before = adapter.snapshot(layers)
@@ -55,7 +46,7 @@ def main() -> None:
         finally:
             adapter.restore(before)
         for update in edit.updates:
-            print(f"| {arm.name} | {settings.batch_size} | {update.layer} | "
+            print(f"| {arm.name} | {prepared.settings.batch_size} | {update.layer} | "
                   f"{update.delta.norm() / original[update.layer]:.4f} | {update.memorization:.3f} |", flush=True)
 
 

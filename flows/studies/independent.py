@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from sqlalchemy import Engine
@@ -41,24 +42,41 @@ def batches_of(facts: Sequence[tuple[int, Fact]], size: int) -> list[list[tuple[
     return [list(facts[start:start + size]) for start in range(0, len(facts), size)]
 
 
+@dataclass(frozen=True)
+class ArmEditor:
+    """What an independent arm edits with: its settings, the process's model put back in its unedited state,
+    the prepared :class:`Editor` and the arm's :class:`VStarReuse`."""
+
+    settings: RunSettings
+    session: ModelSession
+    editor: Editor
+    reuse: VStarReuse
+
+    @classmethod
+    def prepare(cls, engine: Engine, arm: ArmInfo) -> "ArmEditor":
+        settings = RunSettings.from_dict({k: v for k, v in arm.settings.items() if k not in ("n_facts", "seed")})
+        settings.runtime.apply_threads()
+        session = ModelSession.get(settings.model, settings.runtime)
+        session.load_state({})  # the unedited model, whatever ran before in this process
+        config = settings.edit_config(session.adapter.name)
+        editor = Editor.prepare(session.adapter, config, runtime=settings.runtime)
+        reuse = VStarReuse(engine, session.adapter, editor.layers[-1], config.values, editor.prefixes,
+                           settings.runtime.autocast_dtype, editor.norm_anchor)
+        return cls(settings, session, editor, reuse)
+
+
 def run_independent_arm(engine: Engine, arm: ArmInfo, facts: Sequence[tuple[int, Fact]],
                         on_batch: Callable[[int], None] | None = None) -> dict[str, int]:
     """Edit, score and undo each missing batch of ``facts`` (the arm's, in order); returns the v* counts.
 
     ``on_batch`` is called after each batch is committed (progress, the kill test).
     """
-    settings = RunSettings.from_dict({k: v for k, v in arm.settings.items() if k not in ("n_facts", "seed")})
-    settings.runtime.apply_threads()
-    session = ModelSession.get(settings.model, settings.runtime)
-    adapter = session.adapter
-    session.load_state({})  # the unedited model, whatever ran before in this process
-    config = settings.edit_config(adapter.name)
-    editor = Editor.prepare(adapter, config, runtime=settings.runtime)
+    prepared = ArmEditor.prepare(engine, arm)
+    settings, session, editor, reuse = prepared.settings, prepared.session, prepared.editor, prepared.reuse
+    adapter, config = session.adapter, editor.config
     layers = list(editor.layers)
     original = adapter.weights_sha256(layers)
     pristine = session.pristine(layers)
-    reuse = VStarReuse(engine, adapter, layers[-1], config.values, editor.prefixes, settings.runtime.autocast_dtype,
-                       editor.norm_anchor)
     update_arm(engine, arm.id, v_star_key=reuse.key)
     evaluation = settings.evaluation_config()
     done = done_batches(engine, arm.id)

@@ -232,7 +232,8 @@ def markdown(summary: dict[str, Any]) -> str:
             lines.append(f"| {arm['name']} | {settings['algorithm']} | {layers} | {settings['batch_size']} | "
                          f"{arm['progress']['facts_scored']}/{arm['n_facts']} | "
                          + " | ".join(_cell(arm["metrics"].get(m)) for m in INDEPENDENT_METRICS)
-                         + f" | {_least_written(arm['memorization'])} | {_cell(arm['v_star'].get('steps'))} | {_cell(arm['v_star'].get('final_nll'))}"
+                         + f" | {_least_written(arm['memorization'])} | {_cell(arm['v_star'].get('steps'))}"
+                         + f" | {_cell(arm['v_star'].get('final_nll'))}"
                          + f" | {arm['v_star']['computed']} / {arm['v_star']['reused']} | "
                          f"{(arm['seconds'] or 0):.0f} |")
         lines.append("")
