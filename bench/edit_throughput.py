@@ -14,8 +14,9 @@ For each batch size B, on the first B facts of ``--data``:
 Both edit the same facts from the same model state with the same objective, and
 ES/PS/NS are measured after each, so the speed-up is reported next to what
 it costs in quality; each variant's v* steps, final NLL and ‖δ‖/‖h‖ (how far its
-targets moved, which decides how large the update is) are printed beside it. The naive rate does not depend on B, so it is measured
-once, on the facts of the largest B not above ``--naive-facts``.
+targets moved, which decides how large the update is) are printed beside it. The
+naive rate does not depend on B, so it is measured once, on the facts of the
+largest B not above ``--naive-facts``.
 
     python bench/edit_throughput.py --sizes 1,16,64 --naive-facts 16
     python bench/edit_throughput.py --sizes 16 --variant 'lbfgs-8={"values.optimizer": "lbfgs", "values.steps": 8}'
@@ -42,6 +43,7 @@ from editing.facts import fact_from_record
 from editing.rows import build_rewrite_rows
 from editing.models import load_model
 from editing.runtime import Runtime
+from editing.v_star import VStar
 from naive_reference import naive_z, reference_prefixes
 
 T = TypeVar("T")
@@ -199,7 +201,7 @@ def naive_edit(adapter, editor: Editor, facts: list, device: torch.device) -> di
             "quality": counterfact_metrics(adapter, facts).metrics()}
 
 
-def relative_delta_norm(v_star) -> float:
+def relative_delta_norm(v_star: VStar) -> float:
     """Mean ‖δ_i‖ / ‖h_i‖ over the batch: how far each target was moved from the unedited residual.
 
     The loss's weight decay is small, so many δ write the target; this says which one an optimiser found —
